@@ -1,0 +1,35 @@
+"""The typer app that joins freezekit's commands."""
+
+from __future__ import annotations
+
+import typer
+
+from .. import __version__
+
+app = typer.Typer(
+    name="freezekit",
+    help="Control what a PyTorch model learns during fine-tuning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"freezekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Control what a PyTorch model learns during fine-tuning: freeze, unfreeze, detach and
+    eval-lock parts of a model by name, pattern, type or position."""
+
+
+def main() -> None:
+    """Entry point of the ``freezekit`` console script and ``python -m freezekit``."""
+    app()

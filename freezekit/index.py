@@ -1,0 +1,446 @@
+"""A model's modules and parameters by qualified name, seen through wrappers.
+
+:class:`ModelIndex` walks a model once and keeps what selecting needs as flat arrays: the name of
+every module and parameter *occurrence* (a module or tensor reachable under two names is listed
+under both), which unique object each occurrence is, and where each module's subtree ends. A
+selected module then stands for a contiguous range of occurrences, so expanding thousands of
+selected modules into their submodules and parameters is a handful of numpy operations.
+
+Wrappers are transparent: the names inside ``DistributedDataParallel`` / ``DataParallel``
+(``module.``), ``torch.compile`` (``_orig_mod.``), FSDP1 (``_fsdp_wrapped_module.``) and
+activation-checkpoint wrappers are the names of the wrapped model, wherever the wrapper sits.
+FSDP2 (``fully_shard``) keeps the model's own names and needs nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable
+from functools import cached_property, lru_cache
+
+import numpy as np
+import torch.nn as nn
+
+__all__ = ["ModelIndex", "unwrap"]
+
+# (defining module, qualified name) of wrapper classes -> attribute that holds the wrapped module.
+# Matched by name so that nothing (torch._dynamo, torch.distributed) is imported to recognise them.
+_WRAPPERS = {
+    ("torch.nn.parallel.distributed", "DistributedDataParallel"): "module",
+    ("torch.nn.parallel.data_parallel", "DataParallel"): "module",
+    ("torch._dynamo.eval_frame", "OptimizedModule"): "_orig_mod",
+    ("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel"): "_fsdp_wrapped_module",
+    ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper"):
+        "_checkpoint_wrapped_module",
+}
+_wrapper_attr_cache: dict[type, str | None] = {}
+_UNSEEN = object()
+
+
+def _wrapper_attr(cls: type) -> str | None:
+    try:
+        return _wrapper_attr_cache[cls]
+    except KeyError:
+        attr = next((a for c in cls.__mro__ if (a := _WRAPPERS.get((c.__module__, c.__qualname__)))), None)
+        _wrapper_attr_cache[cls] = attr
+        return attr
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside any DDP / DataParallel / ``torch.compile`` / FSDP1 wrappers.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 2)
+        >>> unwrap(torch.nn.DataParallel(net)) is net
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    while (attr := _wrapper_attr(type(model))) is not None:
+        model = model._modules[attr]
+    return model
+
+
+_ANY = "[^\n]*"
+
+
+@lru_cache(maxsize=4096)
+def _glob_tokens(pattern: str) -> tuple[str, ...]:
+    """Regex pieces, one per token of a shell-style pattern (``fnmatch`` rules), none matching ``\\n``.
+
+    ``*`` matches any run of characters, dots included; ``?`` one character; ``[seq]`` / ``[!seq]``
+    a character (not) in ``seq``; an unclosed ``[`` is literal -- exactly ``fnmatch.fnmatchcase``.
+    """
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            if not out or out[-1] != _ANY:
+                out.append(_ANY)
+        elif c == "?":
+            out.append("[^\n]")
+        elif c == "[":
+            j = i
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                out.append("\\[")
+                continue
+            body, i = pattern[i:j], j + 1
+            negate = body.startswith("!")
+            if negate:
+                body = body[1:]
+            items, k = [], 0
+            while k < len(body):
+                if k + 2 < len(body) and body[k + 1] == "-":
+                    lo, hi = body[k], body[k + 2]
+                    if lo <= hi:  # fnmatch drops reversed ranges
+                        items.append(f"{re.escape(lo)}-{re.escape(hi)}")
+                    k += 3
+                else:
+                    items.append(re.escape(body[k]))
+                    k += 1
+            chars = "".join(items)
+            if negate:
+                out.append(f"[^\n{chars}]")
+            else:
+                out.append(f"[{chars}]" if chars else "(?!)")
+        else:
+            out.append(re.escape(c))
+    return tuple(out)
+
+
+def glob_to_regex(pattern: str) -> str:
+    """A regex body equivalent to ``fnmatch.fnmatchcase`` with ``pattern``, never matching ``\\n``."""
+    return "".join(_glob_tokens(pattern))
+
+
+def _fixed_start(pattern: str) -> str:
+    """The characters of a glob before its first wildcard or bracket."""
+    cut = [i for i in (pattern.find(c) for c in "*?[]") if i >= 0]
+    return pattern[: min(cut)] if cut else pattern
+
+
+def is_literal(pattern: str) -> bool:
+    """True if a glob pattern has no wildcard and so names exactly one thing."""
+    return not any(c in pattern for c in "*?[")
+
+
+class _Names:
+    """A list of names with fast exact lookup and fast whole-list regex matching."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def find(self, name: str, stop: int | None = None) -> int | None:
+        """Position of ``name`` (among the first ``stop`` names), or None."""
+        try:  # a C scan: cheaper than building a dict for a few lookups
+            return self.names.index(name, 0, len(self.names) if stop is None else stop)
+        except ValueError:
+            return None
+
+    def exact(self, name: str) -> np.ndarray:
+        """Boolean mask of the names equal to ``name``."""
+        mask = np.zeros(len(self.names), dtype=bool)
+        i = self.find(name)
+        if i is not None:
+            mask[i] = True
+        return mask
+
+    @cached_property
+    def _blob(self) -> str | None:
+        # One string with a name per line: a regex scans it in C instead of once per name in
+        # Python. Names are arbitrary strings; if one holds a newline or NUL the per-name path is used.
+        blob = "\n" + "\n".join(self.names) + "\n"
+        if blob.count("\n") != len(self.names) + 1 or "\0" in blob:
+            return None
+        return blob
+
+    def glob(self, pattern: str) -> np.ndarray:
+        """Boolean mask of the names that fully match the shell-style ``pattern``."""
+        if pattern == "*":
+            return np.ones(len(self.names), dtype=bool)
+        if is_literal(pattern):
+            return self.exact(pattern)
+        tokens = _glob_tokens(pattern)
+        if tokens[0] == _ANY and tokens[-1] != _ANY and self._blob is not None:
+            # "*.bias": scan the reversed names for "saib.*", which starts with a literal.
+            mask = self._lines("".join(reversed(tokens)), reverse=True, literal=_fixed_start(pattern[::-1]))
+        else:
+            mask = self._lines("".join(tokens), literal=_fixed_start(pattern))
+        return mask if mask is not None else self._each(re.compile(fnmatch.translate(pattern)))
+
+    def regex(self, compiled: re.Pattern[str]) -> np.ndarray:
+        """Boolean mask of the names that ``compiled.fullmatch``."""
+        mask = None
+        if not _LOOKS_AROUND.search(compiled.pattern):
+            try:
+                mask = self._lines(f"(?:{compiled.pattern})", compiled.flags)
+            except re.error:  # e.g. global inline flags, which cannot sit inside a group
+                mask = None
+        return mask if mask is not None else self._each(compiled)
+
+    def _each(self, compiled: re.Pattern[str]) -> np.ndarray:
+        return np.fromiter(map(bool, map(compiled.fullmatch, self.names)), dtype=bool, count=len(self.names))
+
+    @cached_property
+    def _reversed_blob(self) -> str:
+        return self._blob[::-1]  # the names reversed, last first
+
+    @cached_property
+    def _newlines(self) -> tuple[np.ndarray, np.ndarray]:
+        """Character offsets of the newlines of the blob and of the reversed blob."""
+        blob = self._blob
+        wide = np.frombuffer(blob.encode() if blob.isascii() else blob.encode("utf-32-le"),
+                             dtype=np.uint8 if blob.isascii() else np.uint32)
+        forward = (wide == 10).nonzero()[0]
+        return forward, (len(blob) - 1 - forward)[::-1]
+
+    def _lines(self, body: str, flags: int = 0, reverse: bool = False, literal: str = "") -> np.ndarray | None:
+        """Mask of the names that ``body`` matches whole; None where the blob cannot answer (no blob,
+        or a match ran across lines, which a user's ``\\s`` or ``[^x]`` can do).
+
+        Names that start with ``literal`` (the pattern's fixed start) are few: ``str.find`` jumps
+        to each and the regex checks it there. Otherwise one scan marks every matching line with a
+        NUL and numpy finds the marked lines."""
+        if self._blob is None:
+            return None
+        blob = self._reversed_blob if reverse else self._blob
+        regex = _line_regex(body, flags)
+        if literal:
+            needle = "\n" + literal
+            if blob.count(needle) * 32 < len(self.names):
+                found, at = [], blob.find(needle)
+                while at >= 0:
+                    if regex.match(blob, at):
+                        found.append(at)
+                    at = blob.find(needle, at + 1)
+                mask = np.zeros(len(self.names), dtype=bool)
+                mask[np.searchsorted(self._newlines[reverse], found)] = True
+                return mask[::-1] if reverse else mask
+        chars = np.frombuffer(regex.sub("\n\0", blob).encode(), dtype=np.uint8)
+        starts = (chars == 10).nonzero()[0][:-1] + 1
+        if len(starts) != len(self.names):
+            return None
+        mask = chars[starts] == 0
+        return mask[::-1] if reverse else mask
+
+
+@lru_cache(maxsize=4096)
+def _line_regex(body: str, flags: int) -> re.Pattern[str]:
+    """``body`` as a whole line of the blob: after a newline, before the next."""
+    return re.compile(f"\n{body}(?=\n)", flags)
+
+
+# Regex syntax that looks past the name's own characters (anchors, lookarounds): such a regex
+# must not run over the one-name-per-line blob, where it would see the neighbouring names.
+_LOOKS_AROUND = re.compile(r"[$^]|\\[AZbB]|\(\?<?[=!]")
+
+
+class ModelIndex:
+    """The modules and parameters of ``model`` (unwrapped), as flat arrays in model order.
+
+    Occurrence arrays list each module (``mod_*``) or parameter (``par_*``) once per name under
+    which it is reachable, in ``named_modules()`` pre-order. Unique arrays (``modules``,
+    ``params``) list each object once, under its first name, in ``named_modules()`` /
+    ``named_parameters()`` order.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.root = root = unwrap(model)
+        # The walk is the hot loop of every apply: locals only, one iterator per container, and
+        # each subtree's end noted when its iterator runs out. Order is named_modules() pre-order.
+        occ: list[nn.Module] = [root]
+        mod_names: list[str] = [""]
+        mod_parent: list[int] = [-1]
+        mod_pstart: list[int] = [0]
+        mod_end: list[int] = [0]
+        par_occ: list[nn.Parameter] = [p for p in root._parameters.values() if p is not None]
+        par_names: list[str] = [k for k, p in root._parameters.items() if p is not None]
+        add_mod, add_name, add_parent, add_pstart, add_end = (
+            occ.append, mod_names.append, mod_parent.append, mod_pstart.append, mod_end.append)
+        add_par, add_pname = par_occ.append, par_names.append
+        wrapper_of = _wrapper_attr_cache.get
+        n_par, i = len(par_occ), 1
+        stack = [(iter(root._modules.items()), "", 0)]
+        while stack:
+            children, prefix, parent = stack[-1]
+            for key, module in children:
+                if module is None:
+                    continue
+                attr = wrapper_of(module.__class__, _UNSEEN)
+                if attr is _UNSEEN:
+                    attr = _wrapper_attr(module.__class__)
+                while attr is not None:  # a wrapper: list the module inside under the same name
+                    module = module._modules[attr]
+                    attr = _wrapper_attr(module.__class__)
+                name = prefix + key
+                add_mod(module)
+                add_name(name)
+                add_parent(parent)
+                add_pstart(n_par)
+                add_end(0)
+                own = module._parameters
+                if own:
+                    for pname, p in own.items():
+                        if p is not None:
+                            add_par(p)
+                            add_pname(f"{name}.{pname}")
+                            n_par += 1
+                i += 1
+                if module._modules:  # descend; this iterator resumes when that subtree is done
+                    stack.append((iter(module._modules.items()), name + ".", i - 1))
+                    break
+                mod_end[i - 1] = i
+            else:
+                stack.pop()
+                mod_end[parent] = i
+        mod_pstart.append(n_par)
+
+        self.mod_names, self.par_names = mod_names, par_names
+        self.n_mod_occ = len(mod_names)
+        self.names = _Names(mod_names + par_names)  # every name, modules first: one scan per pattern
+        self.mod_parent = np.asarray(mod_parent, dtype=np.int64)
+        self.mod_pstart = np.asarray(mod_pstart, dtype=np.int64)
+        self.mod_end = np.asarray(mod_end, dtype=np.int64)
+        self.mod_uid, self.modules, self.module_names = _dedup(occ, mod_names)
+        self.par_uid, self.params, self.param_names = _dedup(par_occ, par_names)
+
+    @property
+    def n_modules(self) -> int:
+        return len(self.modules)
+
+    @property
+    def n_params(self) -> int:
+        return len(self.params)
+
+    @property
+    def model_name(self) -> str:
+        return type(self.root).__name__
+
+    def expand(self, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Resolve matched names (a mask over :attr:`names`) to unique (module mask, parameter mask).
+
+        A matched module occurrence selects itself, every module below it and every parameter
+        below it; a matched parameter occurrence selects that parameter.
+        """
+        mod_hits, par_hits = hits[: self.n_mod_occ], hits[self.n_mod_occ:]
+        if mod_hits[0]:  # the root: everything
+            return np.ones(self.n_modules, dtype=bool), np.ones(self.n_params, dtype=bool)
+        starts = mod_hits.nonzero()[0]
+        ends = self.mod_end[starts]
+        covered = _cover(starts, ends, len(mod_hits))
+        par_covered = _cover(self.mod_pstart[starts], self.mod_pstart[ends], len(par_hits))
+        par_covered |= par_hits
+        modules = np.zeros(self.n_modules, dtype=bool)
+        modules[self.mod_uid[covered]] = True
+        params = np.zeros(self.n_params, dtype=bool)
+        params[self.par_uid[par_covered]] = True
+        return modules, params
+
+    def expand_modules(self, unique: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`expand` for a mask of matched unique modules."""
+        hits = np.zeros(len(self.names.names), dtype=bool)
+        hits[: self.n_mod_occ] = unique[self.mod_uid]
+        return self.expand(hits)
+
+    @cached_property
+    def _classes(self) -> tuple[list[type], np.ndarray]:
+        of_module = list(map(type, self.modules))
+        classes = list(dict.fromkeys(of_module))
+        number = {cls: i for i, cls in enumerate(classes)}
+        return classes, np.fromiter(map(number.__getitem__, of_module), dtype=np.int64, count=len(of_module))
+
+    @property
+    def classes(self) -> list[type]:
+        """The distinct classes of the model's modules."""
+        return self._classes[0]
+
+    def class_mask(self, test: Callable[[type], bool]) -> np.ndarray:
+        """Unique-module mask of the modules whose class passes ``test`` (called once per class)."""
+        classes, of = self._classes
+        return np.array([bool(test(c)) for c in classes], dtype=bool)[of]
+
+    def children(self, occurrence: int) -> list[int]:
+        """Occurrence indices of the direct children of ``occurrence``, in order."""
+        inside = self.mod_parent[occurrence + 1: self.mod_end[occurrence]]
+        return ((inside == occurrence).nonzero()[0] + occurrence + 1).tolist()
+
+    @cached_property
+    def param_owner(self) -> np.ndarray:
+        """Parameter occurrence -> module occurrence that holds it directly."""
+        return np.repeat(np.arange(len(self.mod_uid)), np.diff(self.mod_pstart))
+
+    def complete_roots(self, modules: np.ndarray) -> np.ndarray:
+        """Unique mask of the outermost modules whose whole subtree lies in the unique mask ``modules``."""
+        inside = modules[self.mod_uid]
+        outside_before = np.concatenate(([0], np.cumsum(~inside)))
+        idx = np.arange(len(inside))
+        complete = inside & (outside_before[self.mod_end] - outside_before[idx] == 0)
+        parent = np.asarray(self.mod_parent, dtype=np.int64)
+        parent_complete = np.where(parent >= 0, complete[np.maximum(parent, 0)], False)
+        roots = np.zeros(len(self.modules), dtype=bool)
+        roots[self.mod_uid[complete & ~parent_complete]] = True
+        return roots
+
+    def occurrences(self, uid: int) -> list[int]:
+        """Occurrence indices of unique module ``uid``."""
+        return (self.mod_uid == uid).nonzero()[0].tolist()
+
+    def slot(self, occurrence: int) -> tuple[nn.Module, str] | None:
+        """``(holder, key)`` such that ``holder._modules[key]`` is the module at ``occurrence``
+        (inside any wrapper that sits between it and its parent); ``None`` for the root."""
+        parent = int(self.mod_parent[occurrence])
+        if parent < 0:
+            return None
+        module = self.modules[self.mod_uid[occurrence]]
+        holder = self.modules[self.mod_uid[parent]]
+        key = self.mod_names[occurrence].rpartition(".")[2]
+        while holder._modules[key] is not module:
+            holder = holder._modules[key]
+            key = _wrapper_attr(type(holder))
+        return holder, key
+
+
+def _dedup(objects: list, names: list[str]) -> tuple[np.ndarray, list, list[str]]:
+    """Unique ``objects`` by identity, in first-seen order, with the name of each one's first
+    occurrence, and the map from each occurrence to its unique index."""
+    try:  # modules hash by identity unless a class says otherwise: a cheap first test
+        distinct = len(set(objects)) == len(objects) if isinstance(objects[0], nn.Module) else False
+    except TypeError:
+        distinct = False
+    ids = None
+    if not distinct:
+        ids = np.array(list(map(id, objects)), dtype=np.int64)
+        ordered = np.sort(ids)
+        distinct = not (ordered[1:] == ordered[:-1]).any()
+    if distinct:  # the common case: nothing shared
+        return np.arange(len(objects), dtype=np.int64), objects, names
+    if ids is None:
+        ids = np.array(list(map(id, objects)), dtype=np.int64)
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    first = first[order].tolist()
+    return rank[inverse.reshape(-1)], [objects[i] for i in first], [names[i] for i in first]
+
+
+def _cover(starts: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
+    """Mask of length ``n`` that is true inside any of the half-open ranges ``[starts, ends)``."""
+    covered = np.zeros(n, dtype=bool)
+    if len(starts) <= 16:  # a few ranges: slices are cheaper than the vectorized sweep
+        for start, end in zip(starts.tolist(), ends.tolist()):
+            covered[start:end] = True
+        return covered
+    depth = np.bincount(starts, minlength=n + 1) - np.bincount(ends, minlength=n + 1)
+    return np.cumsum(depth[:n]) > 0

@@ -1,0 +1,152 @@
+"""Normalization layers: which modules are norms, and the frozen BatchNorm swap.
+
+``freeze(norm="frozen_bn")`` replaces each BatchNorm it covers by a :class:`FrozenBatchNorm`
+that *reuses the original parameter and buffer objects*, so ``state_dict`` keys, parameter counts
+and optimizer references do not change, and that always normalizes with the stored statistics.
+The swap goes through the module's parent; :func:`restore` puts the original back.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["FrozenBatchNorm", "FrozenBatchNormAct", "can_swap", "has_running_stats", "is_norm", "may_keep_stats",
+           "may_swap"]
+
+_TORCH_NORMS: tuple[type, ...] = tuple(
+    cls for cls in (
+        nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*, lazy variants
+        nn.GroupNorm,
+        nn.LayerNorm,
+        getattr(nn, "RMSNorm", None),  # torch >= 2.4
+    ) if cls is not None
+)
+# timm's norm layers that subclass none of torch's (RmsNorm, EvoNorm, FrozenBatchNormAct2d, ...),
+# recognised by where they are defined so that nothing is imported to check.
+_TIMM_NORM_MODULES = frozenset({
+    "timm.layers.norm", "timm.layers.norm_act", "timm.layers.evo_norm",
+    "timm.layers.filter_response_norm", "timm.layers.grn",
+})
+_OTHER_NORMS = frozenset({("torchvision.ops.misc", "FrozenBatchNorm2d")})
+# Classes whose forward is exactly BatchNorm (then, for timm's, dropout and activation): only
+# these are swapped; other BatchNorm subclasses may do more, so they get an eval lock instead.
+_SWAPPABLE = frozenset({
+    ("torch.nn.modules.batchnorm", "BatchNorm1d"), ("torch.nn.modules.batchnorm", "BatchNorm2d"),
+    ("torch.nn.modules.batchnorm", "BatchNorm3d"), ("torch.nn.modules.batchnorm", "SyncBatchNorm"),
+})
+_SWAPPABLE_WITH_ACT = frozenset({("timm.layers.norm_act", "BatchNormAct2d"),
+                                 ("timm.layers.norm_act", "SyncBatchNormAct")})
+
+
+@cache
+def is_norm(cls: type) -> bool:
+    """True if modules of class ``cls`` are normalization layers (torch's, timm's, torchvision's
+    ``FrozenBatchNorm2d``, freezekit's :class:`FrozenBatchNorm`, or a subclass of any)."""
+    if issubclass(cls, (*_TORCH_NORMS, FrozenBatchNorm)):
+        return True
+    return any(c.__module__ in _TIMM_NORM_MODULES or (c.__module__, c.__qualname__) in _OTHER_NORMS
+               for c in cls.__mro__)
+
+
+# Norm classes that never keep running statistics: their instances need no per-instance check.
+_STATELESS: tuple[type, ...] = tuple(c for c in (nn.GroupNorm, nn.LayerNorm, getattr(nn, "RMSNorm", None)) if c)
+
+
+@cache
+def may_keep_stats(cls: type) -> bool:
+    """False if no module of norm class ``cls`` keeps running statistics (LayerNorm, GroupNorm, ...)."""
+    return not issubclass(cls, _STATELESS)
+
+
+@cache
+def may_swap(cls: type) -> bool:
+    """True if modules of class ``cls`` may be swappable BatchNorms or already frozen ones."""
+    return issubclass(cls, FrozenBatchNorm) or _key(cls) in _SWAPPABLE or _key(cls) in _SWAPPABLE_WITH_ACT
+
+
+def has_running_stats(module: nn.Module) -> bool:
+    """True if ``module`` keeps running statistics that training mode would update."""
+    buffers = module._buffers
+    return buffers.get("running_mean") is not None or buffers.get("running_var") is not None
+
+
+def _key(cls: type) -> tuple[str, str]:
+    return cls.__module__, cls.__qualname__
+
+
+def can_swap(module: nn.Module) -> bool:
+    """True if ``module`` is a BatchNorm that :func:`frozen` can replace exactly."""
+    key = _key(type(module))
+    return (key in _SWAPPABLE or key in _SWAPPABLE_WITH_ACT) and has_running_stats(module)
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with fixed statistics: always normalizes with ``running_mean`` / ``running_var``.
+
+    Built by :func:`frozen` from a BatchNorm1d/2d/3d or SyncBatchNorm, it holds the *same*
+    ``weight`` / ``bias`` parameters (their ``requires_grad`` is the policy's business) and the same
+    buffers, so its outputs equal the original's in eval mode, bit for bit, in any mode.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.num_features = original.num_features
+        self.eps = original.eps
+        for name in ("weight", "bias"):
+            self.register_parameter(name, original._parameters.get(name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if name in original._buffers:
+                self.register_buffer(name, original._buffers[name],
+                                     persistent=name not in original._non_persistent_buffers_set)
+        self.training = original.training
+        # Kept outside _modules so that it adds no state_dict keys; restore() puts it back.
+        self.__dict__["original"] = original
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            False, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, from={type(self.original).__name__}"
+
+
+class FrozenBatchNormAct(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` for timm's ``BatchNormAct2d``: the same ``drop`` and ``act``
+    modules follow the normalization."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__(original)
+        self.drop = original.drop
+        self.act = original.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def frozen_class(module: nn.Module) -> type[FrozenBatchNorm]:
+    """The class of :func:`frozen`'s replacement for ``module``."""
+    return FrozenBatchNormAct if _key(type(module)) in _SWAPPABLE_WITH_ACT else FrozenBatchNorm
+
+
+def frozen(module: nn.Module) -> FrozenBatchNorm:
+    """The frozen replacement of a swappable BatchNorm (see :func:`can_swap`)."""
+    return frozen_class(module)(module)
+
+
+def original_of(module: FrozenBatchNorm) -> nn.Module:
+    """The BatchNorm that ``module`` replaced, holding ``module``'s current tensors and mode.
+
+    ``model.to(...)`` after the swap replaces the frozen module's buffers, not the original's, so
+    they are handed back; the parameter objects are the same anyway.
+    """
+    original = module.original
+    for name, param in module._parameters.items():
+        original._parameters[name] = param
+    for name, buf in module._buffers.items():
+        original._buffers[name] = buf
+    original.train(module.training)
+    return original

@@ -1,0 +1,107 @@
+"""Shared fixtures: real architectures (tiny timm models, torchvision ResNets, meta-device giants)
+and a few small hand-built modules with the shapes that break naive freezing code."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torchvision
+
+
+def tv_resnet(name: str = "resnet18", num_classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(num_classes=num_classes)
+
+
+def timm_model(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def meta_model(name: str, **kwargs) -> nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def trainable(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def flags(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def modes(model: nn.Module) -> dict[str, bool]:
+    return {n: m.training for n, m in model.named_modules()}
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, copied."""
+    return {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items() if t is not None}
+
+
+def image_batch(n: int = 4, size: int = 32, classes: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+class Tied(nn.Module):
+    """An embedding tied to the output projection, as in language models."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.body = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 20, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(torch.relu(self.body(self.emb(x))))
+
+
+class Shared(nn.Module):
+    """One block object reachable under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.again = self.first
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.again(self.first(x)))
+
+
+class ConvNet(nn.Module):
+    """Conv/BN/dropout/linear, with every BatchNorm flavour a frozen-BN swap must handle."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.sync = nn.SyncBatchNorm(8)
+        self.body = nn.Sequential(nn.Conv3d(8, 8, 1), nn.BatchNorm3d(8))
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+    def forward(self, x):
+        x = self.sync(self.stem(x))
+        x = self.body(x.unsqueeze(2)).squeeze(2)
+        return self.head(self.drop(x.mean((2, 3))))
+
+
+@pytest.fixture
+def resnet18() -> nn.Module:
+    return tv_resnet("resnet18")
+
+
+@pytest.fixture
+def vit() -> nn.Module:
+    return timm_model("test_vit")
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

@@ -1,0 +1,46 @@
+"""The repository's own promises: lint-clean, the public API as declared, the README's commands."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import freezekit as fk
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_all_lists_exactly_the_public_names():
+    public = {n for n in vars(fk) if not n.startswith("_") and not isinstance(getattr(fk, n), type(sys))}
+    assert sorted(fk.__all__) == fk.__all__
+    assert set(fk.__all__) - {"__version__"} == public
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is part of the test extra")
+def test_ruff_is_clean():
+    result = subprocess.run(["ruff", "check", "freezekit", "tests", "scripts"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    commands = [line for line in lines[:6] if line.startswith("pip install")]
+    assert len(commands) == 2
+    assert "scripts/quickstart.py" in commands[0] or "freezekit run" in commands[0]
+    assert re.search(r"python -m pytest", commands[1])
+    assert "grep -m1 -E '^pip install .*pytest' README.md" in (ROOT / ".ci/run").read_text()
+
+
+def test_quickstart_trains_only_what_the_policy_says():
+    result = subprocess.run([sys.executable, "scripts/quickstart.py", "--steps", "40"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "frozen parameters that moved: 0; frozen-region BatchNorm statistics that moved: 0" in result.stdout
+    moved = re.search(r"modules whose weights or statistics changed: (.*)", result.stdout).group(1).split(", ")
+    assert moved and all(m == "fc" or m.startswith("layer4") for m in moved)
