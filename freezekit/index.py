@@ -35,7 +35,6 @@ _WRAPPERS = {
         "_checkpoint_wrapped_module",
 }
 _wrapper_attr_cache: dict[type, str | None] = {}
-_UNSEEN = object()
 
 
 def _wrapper_attr(cls: type) -> str | None:
@@ -45,6 +44,12 @@ def _wrapper_attr(cls: type) -> str | None:
         attr = next((a for c in cls.__mro__ if (a := _WRAPPERS.get((c.__module__, c.__qualname__)))), None)
         _wrapper_attr_cache[cls] = attr
         return attr
+
+
+def _inside_wrappers(module: nn.Module) -> nn.Module:
+    while (attr := _wrapper_attr(type(module))) is not None:
+        module = module._modules[attr]
+    return module
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -58,9 +63,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    while (attr := _wrapper_attr(type(model))) is not None:
-        model = model._modules[attr]
-    return model
+    return _inside_wrappers(model)
 
 
 _ANY = "[^\n]*"
@@ -257,17 +260,15 @@ class ModelIndex:
     def __init__(self, model: nn.Module):
         self.model = model
         self.root = root = unwrap(model)
-        # The walk is the hot loop of every apply: locals only, one iterator per container, and
-        # each subtree's end noted when its iterator runs out. Order is named_modules() pre-order.
+        # The walk is the hot loop of every apply: locals only, one iterator per container, no
+        # per-module tuple (they would wake the garbage collector). Order is named_modules()'s.
         occ: list[nn.Module] = [root]
         mod_names: list[str] = [""]
         mod_parent: list[int] = [-1]
         mod_pstart: list[int] = [0]
-        mod_end: list[int] = [0]
         par_occ: list[nn.Parameter] = [p for p in root._parameters.values() if p is not None]
         par_names: list[str] = [k for k, p in root._parameters.items() if p is not None]
-        add_mod, add_name, add_parent, add_pstart, add_end = (
-            occ.append, mod_names.append, mod_parent.append, mod_pstart.append, mod_end.append)
+        add_mod, add_name, add_parent, add_pstart = occ.append, mod_names.append, mod_parent.append, mod_pstart.append
         add_par, add_pname = par_occ.append, par_names.append
         wrapper_of = _wrapper_attr_cache.get
         n_par, i = len(par_occ), 1
@@ -277,18 +278,13 @@ class ModelIndex:
             for key, module in children:
                 if module is None:
                     continue
-                attr = wrapper_of(module.__class__, _UNSEEN)
-                if attr is _UNSEEN:
-                    attr = _wrapper_attr(module.__class__)
-                while attr is not None:  # a wrapper: list the module inside under the same name
-                    module = module._modules[attr]
-                    attr = _wrapper_attr(module.__class__)
+                if wrapper_of(module.__class__, 0) is not None:  # unseen class (0), or a wrapper
+                    module = _inside_wrappers(module)
                 name = prefix + key
                 add_mod(module)
                 add_name(name)
                 add_parent(parent)
                 add_pstart(n_par)
-                add_end(0)
                 own = module._parameters
                 if own:
                     for pname, p in own.items():
@@ -300,10 +296,8 @@ class ModelIndex:
                 if module._modules:  # descend; this iterator resumes when that subtree is done
                     stack.append((iter(module._modules.items()), name + ".", i - 1))
                     break
-                mod_end[i - 1] = i
             else:
                 stack.pop()
-                mod_end[parent] = i
         mod_pstart.append(n_par)
 
         self.mod_names, self.par_names = mod_names, par_names
@@ -311,7 +305,7 @@ class ModelIndex:
         self.names = _Names(mod_names + par_names)  # every name, modules first: one scan per pattern
         self.mod_parent = np.asarray(mod_parent, dtype=np.int64)
         self.mod_pstart = np.asarray(mod_pstart, dtype=np.int64)
-        self.mod_end = np.asarray(mod_end, dtype=np.int64)
+        self.mod_end = np.arange(len(occ), dtype=np.int64) + _subtree_sizes(self.mod_parent)
         self.mod_uid, self.modules, self.module_names = _dedup(occ, mod_names)
         self.par_uid, self.params, self.param_names = _dedup(par_occ, par_names)
 
@@ -409,6 +403,25 @@ class ModelIndex:
             holder = holder._modules[key]
             key = _wrapper_attr(type(holder))
         return holder, key
+
+
+def _subtree_sizes(parent: np.ndarray) -> np.ndarray:
+    """Size of each node's subtree, itself included, from the parent of each node in pre-order."""
+    n = len(parent)
+    has_parent = parent >= 0
+    depth = np.zeros(n, dtype=np.int64)
+    while True:  # one pass per level of nesting
+        deeper = np.where(has_parent, depth[np.maximum(parent, 0)] + 1, 0)
+        if np.array_equal(deeper, depth):
+            break
+        depth = deeper
+    size = np.ones(n, dtype=np.int64)
+    order = np.argsort(-depth, kind="stable")
+    for level in np.split(order, np.flatnonzero(np.diff(depth[order])) + 1):  # deepest level first
+        level = level[has_parent[level]]
+        if len(level):
+            size += np.bincount(parent[level], weights=size[level], minlength=n).astype(np.int64)
+    return size
 
 
 def _dedup(objects: list, names: list[str]) -> tuple[np.ndarray, list, list[str]]:

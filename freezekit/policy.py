@@ -41,7 +41,6 @@ from .errors import ConfigError, DeadRuleWarning, FreezekitError, NoMatchError, 
 from .index import ModelIndex
 from .norm import (
     FrozenBatchNorm,
-    can_swap,
     frozen,
     frozen_class,
     has_running_stats,
@@ -74,6 +73,7 @@ NORM_MODES = ("eval", "frozen_bn", "train", "trainable")
 SIDES = ("output", "input")
 _requires_grad = operator.attrgetter("requires_grad")
 _grad = operator.attrgetter("grad")
+_vars = operator.attrgetter("__dict__")
 _OPTIONS = {"freeze": ("norm", "strict"), "unfreeze": ("strict",), "detach": ("at", "no_grad", "strict"),
             "eval_mode": ("strict",)}
 
@@ -242,13 +242,11 @@ def _decide(rules: tuple[Rule, ...], index: ModelIndex) -> _Decisions:
     def norm_masks() -> dict[str, np.ndarray]:
         if not norm_state:
             norm = index.class_mask(is_norm)
-            stats, swap = np.zeros(n_mod, dtype=bool), np.zeros(n_mod, dtype=bool)
-            modules = index.modules
-            # Instance properties (a BatchNorm may track no statistics), checked on candidates only.
-            for u in (norm & index.class_mask(may_keep_stats)).nonzero()[0].tolist():
-                stats[u] = has_running_stats(modules[u])
-            for u in (stats & index.class_mask(may_swap)).nonzero()[0].tolist():
-                swap[u] = isinstance(modules[u], FrozenBatchNorm) or can_swap(modules[u])
+            stats = np.zeros(n_mod, dtype=bool)
+            # An instance property (a BatchNorm may track no statistics), checked on candidates only.
+            candidates = (norm & index.class_mask(may_keep_stats)).nonzero()[0]
+            stats[candidates] = [has_running_stats(index.modules[u]) for u in candidates.tolist()]
+            swap = stats & index.class_mask(may_swap)  # can_swap(), by class once
             swap[index.mod_uid[0]] = False  # the root has no parent to swap it through
             owner_norm = norm[index.mod_uid[index.param_owner]]
             param_norm = np.zeros(n_par, dtype=bool)
@@ -395,20 +393,20 @@ class Plan:
     @cached_property
     def _swaps(self) -> dict[int, bool]:
         """Unique module -> True (swap in a FrozenBatchNorm) / False (restore the original)."""
-        out = {}
-        for u in (self._d.swapped >= 0).nonzero()[0].tolist():
-            want, is_frozen = bool(self._d.swapped[u]), isinstance(self._index.modules[u], FrozenBatchNorm)
-            if want != is_frozen:
-                out[u] = want
-        return out
+        d = self._d.swapped
+        is_frozen = self._index.class_mask(lambda c: issubclass(c, FrozenBatchNorm))
+        changed = ((d >= 0) & ((d == 1) != is_frozen)).nonzero()[0]
+        return dict(zip(changed.tolist(), (d[changed] == 1).tolist()))
 
     @cached_property
     def _locked_now(self) -> np.ndarray:
         """Unique modules locked now; for a place about to be swapped, the module that will sit there."""
         modules = self._index.modules
         now = np.zeros(len(modules), dtype=bool)
-        decided = (self._d.locked >= 0).nonzero()[0].tolist()
-        now[[u for u in decided if "train" in modules[u].__dict__ and _lock.is_locked(modules[u])]] = True
+        decided = (self._d.locked >= 0).nonzero()[0]
+        has_train = np.fromiter(map(operator.contains, map(_vars, map(modules.__getitem__, decided.tolist())),
+                                    repeat("train")), dtype=bool, count=len(decided))
+        now[[u for u in decided[has_train].tolist() if _lock.is_locked(modules[u])]] = True
         for u, swap in self._swaps.items():
             now[u] = False if swap else _lock.is_locked(modules[u].original)
         return now
