@@ -22,6 +22,8 @@ from functools import cached_property, lru_cache
 import numpy as np
 import torch.nn as nn
 
+from .norm import has_running_stats
+
 __all__ = ["ModelIndex", "unwrap"]
 
 # (defining module, qualified name) of wrapper classes -> attribute that holds the wrapped module.
@@ -159,7 +161,7 @@ class _Names:
         return mask
 
     @cached_property
-    def _blob(self) -> str | None:
+    def blob(self) -> str | None:
         # One string with a name per line: a regex scans it in C instead of once per name in
         # Python. Names are arbitrary strings; if one holds a newline or NUL the per-name path is used.
         blob = "\n" + "\n".join(self.names) + "\n"
@@ -174,7 +176,7 @@ class _Names:
         if is_literal(pattern):
             return self.exact(pattern)
         tokens = _glob_tokens(pattern)
-        if tokens[0] == _ANY and tokens[-1] != _ANY and self._blob is not None:
+        if tokens[0] == _ANY and tokens[-1] != _ANY and self.blob is not None:
             # "*.bias": scan the reversed names for "saib.*", which starts with a literal.
             mask = self._lines("".join(reversed(tokens)), reverse=True, literal=_fixed_start(pattern[::-1]))
         else:
@@ -195,17 +197,14 @@ class _Names:
         return np.fromiter(map(bool, map(compiled.fullmatch, self.names)), dtype=bool, count=len(self.names))
 
     @cached_property
-    def _reversed_blob(self) -> str:
-        return self._blob[::-1]  # the names reversed, last first
+    def newlines(self) -> np.ndarray:
+        """Character offset in the blob of the newline before each name, and of the last newline."""
+        lengths = np.fromiter(map(len, self.names), dtype=np.int64, count=len(self.names)) + 1
+        return np.concatenate(([0], np.cumsum(lengths)))
 
     @cached_property
-    def _newlines(self) -> tuple[np.ndarray, np.ndarray]:
-        """Character offsets of the newlines of the blob and of the reversed blob."""
-        blob = self._blob
-        wide = np.frombuffer(blob.encode() if blob.isascii() else blob.encode("utf-32-le"),
-                             dtype=np.uint8 if blob.isascii() else np.uint32)
-        forward = (wide == 10).nonzero()[0]
-        return forward, (len(blob) - 1 - forward)[::-1]
+    def _reversed_blob(self) -> str:
+        return self.blob[::-1]  # the names reversed, last first
 
     def _lines(self, body: str, flags: int = 0, reverse: bool = False, literal: str = "") -> np.ndarray | None:
         """Mask of the names that ``body`` matches whole; None where the blob cannot answer (no blob,
@@ -214,9 +213,9 @@ class _Names:
         Names that start with ``literal`` (the pattern's fixed start) are few: ``str.find`` jumps
         to each and the regex checks it there. Otherwise one scan marks every matching line with a
         NUL and numpy finds the marked lines."""
-        if self._blob is None:
+        if self.blob is None:
             return None
-        blob = self._reversed_blob if reverse else self._blob
+        blob = self._reversed_blob if reverse else self.blob
         regex = _line_regex(body, flags)
         if literal:
             needle = "\n" + literal
@@ -227,7 +226,8 @@ class _Names:
                         found.append(at)
                     at = blob.find(needle, at + 1)
                 mask = np.zeros(len(self.names), dtype=bool)
-                mask[np.searchsorted(self._newlines[reverse], found)] = True
+                lines = (len(blob) - 1 - self.newlines)[::-1] if reverse else self.newlines
+                mask[np.searchsorted(lines, found)] = True
                 return mask[::-1] if reverse else mask
         chars = np.frombuffer(regex.sub("\n\0", blob).encode(), dtype=np.uint8)
         starts = (chars == 10).nonzero()[0][:-1] + 1
@@ -266,10 +266,15 @@ class ModelIndex:
         mod_names: list[str] = [""]
         mod_parent: list[int] = [-1]
         mod_pstart: list[int] = [0]
+        mod_cls: list[type] = [type(root)]
+        with_train: list[int] = [0] if "train" in root.__dict__ else []  # may hold an eval lock
+        with_stats: list[int] = [0] if has_running_stats(root) else []
         par_occ: list[nn.Parameter] = [p for p in root._parameters.values() if p is not None]
         par_names: list[str] = [k for k, p in root._parameters.items() if p is not None]
+        par_rg: list[bool] = [p.requires_grad for p in par_occ]
+        with_grad: list[int] = [j for j, p in enumerate(par_occ) if p.grad is not None]
         add_mod, add_name, add_parent, add_pstart = occ.append, mod_names.append, mod_parent.append, mod_pstart.append
-        add_par, add_pname = par_occ.append, par_names.append
+        add_cls, add_par, add_pname, add_rg = mod_cls.append, par_occ.append, par_names.append, par_rg.append
         wrapper_of = _wrapper_attr_cache.get
         n_par, i = len(par_occ), 1
         stack = [(iter(root._modules.items()), "", 0)]
@@ -278,23 +283,42 @@ class ModelIndex:
             for key, module in children:
                 if module is None:
                     continue
-                if wrapper_of(module.__class__, 0) is not None:  # unseen class (0), or a wrapper
+                cls = module.__class__
+                if wrapper_of(cls, 0) is not None:  # an unseen class (0), or a wrapper
                     module = _inside_wrappers(module)
+                    cls = module.__class__
+                # Read what planning needs now, while the module is in cache: a later pass over
+                # 100k modules scattered in memory costs more than the whole walk.
+                state = module.__dict__
                 name = prefix + key
                 add_mod(module)
                 add_name(name)
                 add_parent(parent)
                 add_pstart(n_par)
-                own = module._parameters
+                add_cls(cls)
+                if "train" in state:
+                    with_train.append(i)
+                buffers = state.get("_buffers")
+                if buffers and (buffers.get("running_mean") is not None or buffers.get("running_var") is not None):
+                    with_stats.append(i)  # what norm="eval" locks, see norm.has_running_stats
+                own = state.get("_parameters")
+                if own is None:
+                    own = module._parameters
                 if own:
                     for pname, p in own.items():
                         if p is not None:
                             add_par(p)
                             add_pname(f"{name}.{pname}")
+                            add_rg(p.requires_grad)
+                            if p.grad is not None:
+                                with_grad.append(n_par)
                             n_par += 1
                 i += 1
-                if module._modules:  # descend; this iterator resumes when that subtree is done
-                    stack.append((iter(module._modules.items()), name + ".", i - 1))
+                sub = state.get("_modules")
+                if sub is None:
+                    sub = module._modules
+                if sub:  # descend; this iterator resumes when that subtree is done
+                    stack.append((iter(sub.items()), name + ".", i - 1))
                     break
             else:
                 stack.pop()
@@ -308,6 +332,19 @@ class ModelIndex:
         self.mod_end = np.arange(len(occ), dtype=np.int64) + _subtree_sizes(self.mod_parent)
         self.mod_uid, self.modules, self.module_names = _dedup(occ, mod_names)
         self.par_uid, self.params, self.param_names = _dedup(par_occ, par_names)
+        # Per unique object, as read during the walk (shared objects: the same object each time).
+        first_mod = np.zeros(self.n_modules, dtype=np.int64)
+        first_mod[self.mod_uid[::-1]] = np.arange(len(occ) - 1, -1, -1)
+        self._module_classes = mod_cls if len(occ) == self.n_modules else [mod_cls[i] for i in first_mod.tolist()]
+        first_par = np.zeros(self.n_params, dtype=np.int64)
+        first_par[self.par_uid[::-1]] = np.arange(len(par_occ) - 1, -1, -1)
+        self.requires_grad = np.array(par_rg, dtype=bool)[first_par]  # before any change
+        self.has_grad = np.zeros(self.n_params, dtype=bool)
+        self.has_grad[self.par_uid[with_grad]] = True
+        self.maybe_locked = np.zeros(self.n_modules, dtype=bool)
+        self.maybe_locked[self.mod_uid[with_train]] = True
+        self.running_stats = np.zeros(self.n_modules, dtype=bool)
+        self.running_stats[self.mod_uid[with_stats]] = True
 
     @property
     def n_modules(self) -> int:
@@ -320,6 +357,45 @@ class ModelIndex:
     @property
     def model_name(self) -> str:
         return type(self.root).__name__
+
+    def glob(self, pattern: str) -> np.ndarray:
+        """Mask over :attr:`names` of the names that fully match a shell-style pattern."""
+        head = _fixed_start(pattern)
+        if head and pattern == head + "*" and self.names.blob is not None:
+            return self._starting_with(head)
+        return self.names.glob(pattern)
+
+    def _starting_with(self, head: str) -> np.ndarray:
+        """Names that start with ``head`` (the glob ``head*``). A module that does brings its whole
+        subtree, which is marked at once and jumped over in the blob instead of visited name by name."""
+        names, blob, lines = self.names.names, self.names.blob, self.names.newlines
+        needle, n_mod = "\n" + head, self.n_mod_occ
+        hits = np.zeros(len(names), dtype=bool)
+        params_from = int(lines[n_mod])  # the newline before the first parameter name
+        covered: list[tuple[int, int]] = []  # parameter ranges marked with their modules, in order
+        at = blob.find(needle)
+        while 0 <= at < params_from:
+            k = int(np.searchsorted(lines, at))
+            end = int(self.mod_end[k])
+            hits[k:end] = True
+            first, stop = int(self.mod_pstart[k]), int(self.mod_pstart[end])
+            if stop > first:
+                hits[n_mod + first: n_mod + stop] = True
+                covered.append((first, stop))
+            at = blob.find(needle, int(lines[end]))
+        at = blob.find(needle, params_from)
+        ranges = iter(covered)
+        current = next(ranges, None)
+        while at >= 0:  # parameters whose module did not match, e.g. "fc.w*"
+            j = int(np.searchsorted(lines, at)) - n_mod
+            while current is not None and current[1] <= j:
+                current = next(ranges, None)
+            if current is not None and current[0] <= j:
+                at = blob.find(needle, int(lines[n_mod + current[1]]))
+                continue
+            hits[n_mod + j] = True
+            at = blob.find(needle, at + 1)
+        return hits
 
     def expand(self, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Resolve matched names (a mask over :attr:`names`) to unique (module mask, parameter mask).
@@ -349,7 +425,7 @@ class ModelIndex:
 
     @cached_property
     def _classes(self) -> tuple[list[type], np.ndarray]:
-        of_module = list(map(type, self.modules))
+        of_module = self._module_classes
         classes = list(dict.fromkeys(of_module))
         number = {cls: i for i, cls in enumerate(classes)}
         return classes, np.fromiter(map(number.__getitem__, of_module), dtype=np.int64, count=len(of_module))

@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["FrozenBatchNorm", "FrozenBatchNormAct", "can_swap", "has_running_stats", "is_norm", "may_keep_stats",
-           "may_swap"]
+__all__ = ["FrozenBatchNorm", "FrozenBatchNormAct", "can_swap", "has_running_stats", "is_norm", "may_swap"]
 
 _TORCH_NORMS: tuple[type, ...] = tuple(
     cls for cls in (
@@ -50,16 +49,6 @@ def is_norm(cls: type) -> bool:
         return True
     return any(c.__module__ in _TIMM_NORM_MODULES or (c.__module__, c.__qualname__) in _OTHER_NORMS
                for c in cls.__mro__)
-
-
-# Norm classes that never keep running statistics: their instances need no per-instance check.
-_STATELESS: tuple[type, ...] = tuple(c for c in (nn.GroupNorm, nn.LayerNorm, getattr(nn, "RMSNorm", None)) if c)
-
-
-@cache
-def may_keep_stats(cls: type) -> bool:
-    """False if no module of norm class ``cls`` keeps running statistics (LayerNorm, GroupNorm, ...)."""
-    return not issubclass(cls, _STATELESS)
 
 
 @cache

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import operator
 import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -43,9 +41,7 @@ from .norm import (
     FrozenBatchNorm,
     frozen,
     frozen_class,
-    has_running_stats,
     is_norm,
-    may_keep_stats,
     may_swap,
     original_of,
 )
@@ -71,9 +67,6 @@ __all__ = [
 ACTIONS = ("freeze", "unfreeze", "detach", "eval_mode")
 NORM_MODES = ("eval", "frozen_bn", "train", "trainable")
 SIDES = ("output", "input")
-_requires_grad = operator.attrgetter("requires_grad")
-_grad = operator.attrgetter("grad")
-_vars = operator.attrgetter("__dict__")
 _OPTIONS = {"freeze": ("norm", "strict"), "unfreeze": ("strict",), "detach": ("at", "no_grad", "strict"),
             "eval_mode": ("strict",)}
 
@@ -242,10 +235,7 @@ def _decide(rules: tuple[Rule, ...], index: ModelIndex) -> _Decisions:
     def norm_masks() -> dict[str, np.ndarray]:
         if not norm_state:
             norm = index.class_mask(is_norm)
-            stats = np.zeros(n_mod, dtype=bool)
-            # An instance property (a BatchNorm may track no statistics), checked on candidates only.
-            candidates = (norm & index.class_mask(may_keep_stats)).nonzero()[0]
-            stats[candidates] = [has_running_stats(index.modules[u]) for u in candidates.tolist()]
+            stats = norm & index.running_stats
             swap = stats & index.class_mask(may_swap)  # can_swap(), by class once
             swap[index.mod_uid[0]] = False  # the root has no parent to swap it through
             owner_norm = norm[index.mod_uid[index.param_owner]]
@@ -380,10 +370,9 @@ class Plan:
 
     # -- the target state, per unique object
 
-    @cached_property
+    @property
     def _rg_before(self) -> np.ndarray:
-        params = self._index.params
-        return np.fromiter(map(_requires_grad, params), dtype=bool, count=len(params))
+        return self._index.requires_grad
 
     @cached_property
     def _rg_after(self) -> np.ndarray:
@@ -403,10 +392,7 @@ class Plan:
         """Unique modules locked now; for a place about to be swapped, the module that will sit there."""
         modules = self._index.modules
         now = np.zeros(len(modules), dtype=bool)
-        decided = (self._d.locked >= 0).nonzero()[0]
-        has_train = np.fromiter(map(operator.contains, map(_vars, map(modules.__getitem__, decided.tolist())),
-                                    repeat("train")), dtype=bool, count=len(decided))
-        now[[u for u in decided[has_train].tolist() if _lock.is_locked(modules[u])]] = True
+        now[[u for u in self._index.maybe_locked.nonzero()[0].tolist() if _lock.is_locked(modules[u])]] = True
         for u, swap in self._swaps.items():
             now[u] = False if swap else _lock.is_locked(modules[u].original)
         return now
@@ -638,11 +624,8 @@ class Applied:
             log.append(("requires_grad", list(zip(flipped, [not v for v in values]))))
             for param, value in zip(flipped, values):
                 param.requires_grad_(value)
-        frozen_now = [params[p] for p in (d.requires_grad == 0).nonzero()[0].tolist()]
-        stale = np.fromiter(map(operator.is_not, map(_grad, frozen_now), repeat(None)), dtype=bool,
-                            count=len(frozen_now))
-        for p in stale.nonzero()[0].tolist():
-            frozen_now[p].grad = None
+        for p in ((d.requires_grad == 0) & index.has_grad).nonzero()[0].tolist():
+            params[p].grad = None
         # 3. eval locks, on the module that now sits at each place
         if plan._locks:
             locked, released = [], []
