@@ -22,7 +22,9 @@ from .errors import (
 )
 from .index import unwrap
 from .norm import FrozenBatchNorm, FrozenBatchNormAct
-from .policy import Applied, Change, ModulePlan, ParamPlan, Plan, Policy, Rule, detach, eval_mode, freeze, unfreeze
+from .plan import Change, ModulePlan, ParamPlan, Plan
+from .policy import Applied, Policy
+from .rules import Rule, detach, eval_mode, freeze, unfreeze
 from .select import Selection, Selector, first, glob, last, names, norms, regex, types, where
 
 __version__ = "0.1.0"

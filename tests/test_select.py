@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import freezekit as fk
-from freezekit.index import ModelIndex, _Names
+from freezekit.index import ModelIndex
+from freezekit.names import NameList
 
 
 def by_hand(model: nn.Module, predicate) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -216,7 +217,7 @@ names_strategy = st.lists(st.text(alphabet="ab.-]![^\\0é_1", max_size=6), min_s
 @settings(max_examples=300, deadline=None)
 @given(names=names_strategy, pattern=st.text(alphabet="ab.-]![*?^\\0é1", max_size=7))
 def test_glob_engine_equals_fnmatchcase(names, pattern):
-    got = _Names(names).glob(pattern)
+    got = NameList(names).glob(pattern)
     assert got.tolist() == [fnmatch.fnmatchcase(n, pattern) for n in names]
 
 
@@ -226,7 +227,7 @@ def test_glob_engine_equals_fnmatchcase(names, pattern):
                                 r"\s*a", r"[\s\S]*", r"(a)\1", r".?\.?", r"é+|1"]))
 def test_regex_engine_equals_fullmatch(names, pattern):
     compiled = re.compile(pattern)
-    assert _Names(names).regex(compiled).tolist() == [bool(compiled.fullmatch(n)) for n in names]
+    assert NameList(names).regex(compiled).tolist() == [bool(compiled.fullmatch(n)) for n in names]
 
 
 def test_names_with_newlines_fall_back_to_per_name_matching():

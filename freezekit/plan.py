@@ -1,0 +1,385 @@
+"""Plans: what a policy decides for each parameter and module of a model, computed without
+changing anything. This is where a parameter's fate is decided.
+
+For each parameter and module, the **last rule that selects it decides**, separately for four
+things: a parameter's ``requires_grad``; a module's eval lock; a BatchNorm's swap for a
+:class:`~freezekit.norm.FrozenBatchNorm`; gradient boundaries (which only accumulate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch.nn as nn
+
+from . import boundary as _boundary
+from . import lock as _lock
+from .errors import NoMatchError, closest
+from .index import ModelIndex
+from .norm import FrozenBatchNorm, frozen_class, is_norm, may_swap
+from .rules import Rule
+from .select import Resolver, Selector, Unmatched
+
+if TYPE_CHECKING:
+    from .policy import Policy
+
+__all__ = ["Change", "Decisions", "ModulePlan", "ParamPlan", "Plan", "decide"]
+
+
+@dataclass
+class Decisions:
+    """What a policy decides on one index: -1 undecided, else the value, and the deciding rule."""
+
+    requires_grad: np.ndarray  # int8 per unique parameter: -1, 0 frozen, 1 trainable
+    requires_grad_by: np.ndarray
+    locked: np.ndarray  # int8 per unique module: -1, 0 released, 1 locked
+    locked_by: np.ndarray
+    swapped: np.ndarray  # int8 per unique module: -1, 0 original BatchNorm, 1 FrozenBatchNorm
+    swapped_by: np.ndarray
+    boundaries: list[tuple[int, int]]  # (unique module, rule) in order
+    spoke: np.ndarray  # bool per rule: it decided something before later rules spoke
+
+
+def _module_mask(index: ModelIndex, test) -> np.ndarray:
+    return np.fromiter((test(m) for m in index.modules), dtype=bool, count=index.n_modules)
+
+
+def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
+    n_par, n_mod = index.n_params, index.n_modules
+    rg = np.full(n_par, -1, dtype=np.int8)
+    rg_by = np.full(n_par, -1, dtype=np.int32)
+    locked = np.full(n_mod, -1, dtype=np.int8)
+    locked_by = np.full(n_mod, -1, dtype=np.int32)
+    swapped = np.full(n_mod, -1, dtype=np.int8)
+    swapped_by = np.full(n_mod, -1, dtype=np.int32)
+    adds: list[tuple[int, int]] = []
+    spoke = np.zeros(len(rules), dtype=bool)
+    resolver = Resolver(index)
+    problems: list[str] = []
+    norm_state: dict[str, np.ndarray] = {}
+
+    def norm_masks() -> dict[str, np.ndarray]:
+        if not norm_state:
+            norm = index.class_mask(is_norm)
+            stats = norm & index.running_stats
+            swap = stats & index.class_mask(may_swap)  # can_swap(), by class once
+            swap[index.mod_uid[0]] = False  # the root has no parent to swap it through
+            owner_norm = norm[index.mod_uid[index.param_owner]]
+            param_norm = np.zeros(n_par, dtype=bool)
+            param_norm[index.par_uid[owner_norm]] = True
+            norm_state.update(norm=norm, stats=stats, swap=swap, param=param_norm)
+        return norm_state
+
+    def mark(values, by, mask, value, i) -> None:
+        values[mask] = value
+        by[mask] = i
+
+    for i, rule in enumerate(rules):
+        mods = np.zeros(n_mod, dtype=bool)
+        pars = np.zeros(n_par, dtype=bool)
+        for sel in rule.selectors:
+            seen = len(resolver.unmatched)
+            m, p = resolver.resolve(sel)
+            if rule.strict:
+                problems += [_no_match(i, rule, u, sel, index) for u in resolver.unmatched[seen:]]
+                if len(resolver.unmatched) == seen and not (np.count_nonzero(m) or np.count_nonzero(p)):
+                    problems.append(f"policy[{i}].{rule.action}: {sel!r} selected nothing in "
+                                    f"{index.model_name}: every match was excluded")
+            mods |= m
+            pars |= p
+        if rule.action == "freeze":
+            masks = norm_masks()
+            norm_mods = mods & masks["norm"]
+            stats, swap = norm_mods & masks["stats"], norm_mods & masks["swap"]
+            mark(rg, rg_by, pars, 0, i)
+            if rule.norm == "trainable":
+                mark(rg, rg_by, pars & masks["param"], 1, i)
+            if rule.norm == "eval":
+                mark(locked, locked_by, stats, 1, i)
+                mark(swapped, swapped_by, swap, 0, i)
+            elif rule.norm == "frozen_bn":
+                mark(swapped, swapped_by, swap, 1, i)
+                mark(locked, locked_by, swap, 0, i)  # a frozen BatchNorm needs no lock
+                mark(locked, locked_by, stats & ~swap, 1, i)  # norms that cannot be swapped
+            else:
+                mark(locked, locked_by, stats, 0, i)
+                mark(swapped, swapped_by, swap, 0, i)
+            spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(norm_mods))
+        elif rule.action == "unfreeze":
+            mark(rg, rg_by, pars, 1, i)
+            mark(locked, locked_by, mods, 0, i)
+            if np.count_nonzero(mods):
+                mark(swapped, swapped_by, mods & norm_masks()["swap"], 0, i)
+            spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(mods))
+        elif rule.action == "eval_mode":
+            mark(locked, locked_by, mods, 1, i)
+            spoke[i] = bool(np.count_nonzero(mods))
+        else:  # detach
+            roots = index.complete_roots(mods).nonzero()[0]
+            adds += [(int(u), i) for u in roots]
+            if rule.strict and np.count_nonzero(mods) and not len(roots):
+                problems.append(f"policy[{i}].{rule.action}: selects parameters but no whole module in "
+                                f"{index.model_name}; a boundary goes on modules")
+    if problems:
+        raise NoMatchError(problems)
+    return Decisions(rg, rg_by, locked, locked_by, swapped, swapped_by, adds, spoke)
+
+
+def _no_match(i: int, rule: Rule, u: Unmatched, sel: Selector, index: ModelIndex) -> str:
+    where = f"policy[{i}].{rule.action}"
+    inside = "" if u.selector is sel else f" (in {sel!r})"
+    if u.kind == "type":
+        classes = {c.__name__ for m in index.modules for c in type(m).__mro__ if issubclass(c, nn.Module)}
+        near = closest(u.pattern.rpartition(".")[2], sorted(classes))
+        what = f"{u.pattern!r}{inside} matched no module of {index.model_name}"
+    elif u.kind == "module":
+        near = closest(u.pattern, index.module_names)
+        what = f"{u.pattern!r}{inside} is not a container (or numbered family) in {index.model_name}"
+    else:
+        near = closest(u.pattern.removeprefix("re:"), index.module_names + index.param_names)
+        what = f"{u.pattern!r}{inside} matched nothing in {index.model_name}"
+    return f"{where}: {what}" + (f"; closest: {', '.join(map(repr, near))}" if near else "")
+
+
+# -------------------------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change that applying a plan makes."""
+
+    kind: str  # "requires_grad", "eval_lock", "frozen_bn" or "boundary"
+    name: str  # qualified name of the parameter or module
+    before: Any
+    after: Any
+    rule: Rule
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.kind} {self.before} -> {self.after}  [{self.rule!r}]"
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """A parameter after the plan: its ``requires_grad``, status, and the rule that decided it."""
+
+    requires_grad: bool
+    status: str  # "trainable", "frozen" or "detached"
+    rule: Rule | None  # None: no rule selected it, it keeps its flag
+    changed: bool
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """A module after the plan."""
+
+    type: str
+    eval_locked: bool
+    frozen_bn: bool
+    boundaries: tuple[str, ...]  # "output" / "input", outermost first
+    rule: Rule | None  # the last rule that decided its lock or swap, if any
+    changed: bool
+
+
+class Plan:
+    """What applying a policy to a model would do, computed without changing anything.
+
+    Attributes:
+        policy: the policy planned.
+        warnings: one line per dead rule (every selection overridden by later rules).
+    """
+
+    def __init__(self, policy: Policy, index: ModelIndex, decisions: Decisions):
+        self.policy = policy
+        self._index = index
+        self._d = decisions
+        self.warnings = self._dead_rules()
+
+    # -- the target state, per unique object
+
+    @property
+    def _rg_before(self) -> np.ndarray:
+        return self._index.requires_grad
+
+    @cached_property
+    def _rg_after(self) -> np.ndarray:
+        d = self._d.requires_grad
+        return np.where(d >= 0, d == 1, self._rg_before)
+
+    @cached_property
+    def _swaps(self) -> dict[int, bool]:
+        """Unique module -> True (swap in a FrozenBatchNorm) / False (restore the original)."""
+        d = self._d.swapped
+        is_frozen = self._index.class_mask(lambda c: issubclass(c, FrozenBatchNorm))
+        changed = ((d >= 0) & ((d == 1) != is_frozen)).nonzero()[0]
+        return dict(zip(changed.tolist(), (d[changed] == 1).tolist()))
+
+    @cached_property
+    def _locked_now(self) -> np.ndarray:
+        """Unique modules locked now; for a place about to be swapped, the module that will sit there."""
+        modules = self._index.modules
+        now = np.zeros(len(modules), dtype=bool)
+        now[[u for u in self._index.maybe_locked.nonzero()[0].tolist() if _lock.is_locked(modules[u])]] = True
+        for u, swap in self._swaps.items():
+            now[u] = False if swap else _lock.is_locked(modules[u].original)
+        return now
+
+    @cached_property
+    def _locks(self) -> dict[int, bool]:
+        """Unique module -> lock (True) / release (False), where that changes something."""
+        d = self._d.locked
+        changed = ((d >= 0) & ((d == 1) != self._locked_now)).nonzero()[0]
+        return dict(zip(changed.tolist(), (d[changed] == 1).tolist()))
+
+    @cached_property
+    def _new_boundaries(self) -> list[tuple[int, int]]:
+        """(unique module, rule) of the boundaries to add; one already there is not added again."""
+        out, seen = [], set()
+        for u, i in self._d.boundaries:
+            rule = self.policy.rules[i]
+            module = self._index.modules[u]
+            existing = {(b.at, b.no_grad) for b in _boundary.boundaries(module)}
+            if (rule.at, rule.no_grad) not in existing and (u, rule.at, rule.no_grad) not in seen:
+                seen.add((u, rule.at, rule.no_grad))
+                out.append((u, i))
+        return out
+
+    @cached_property
+    def _detached(self) -> np.ndarray:
+        """Unique parameters behind an output boundary after the plan."""
+        index = self._index
+        cut = _module_mask(index, lambda m: any(b.at == "output" for b in _boundary.boundaries(m)))
+        for u, i in self._d.boundaries:
+            if self.policy.rules[i].at == "output":
+                cut[u] = True
+        if not np.count_nonzero(cut):
+            return np.zeros(index.n_params, dtype=bool)
+        return index.expand_modules(cut)[1]
+
+    # -- public views
+
+    @cached_property
+    def parameters(self) -> dict[str, ParamPlan]:
+        """Qualified parameter name -> :class:`ParamPlan`, in model order."""
+        rules, by = self.policy.rules, self._d.requires_grad_by.tolist()
+        after, before, detached = self._rg_after.tolist(), self._rg_before.tolist(), self._detached.tolist()
+        return {
+            name: ParamPlan(a, ("detached" if det else "trainable") if a else "frozen",
+                            rules[r] if r >= 0 else None, a != b)
+            for name, a, b, det, r in zip(self._index.param_names, after, before, detached, by)
+        }
+
+    @cached_property
+    def modules(self) -> dict[str, ModulePlan]:
+        """Qualified module name -> :class:`ModulePlan`, in model order."""
+        index, d, rules = self._index, self._d, self.policy.rules
+        added: dict[int, list[str]] = {}
+        for u, i in self._new_boundaries:
+            added.setdefault(u, []).append(rules[i].at)
+        out = {}
+        for u, (name, module) in enumerate(zip(index.module_names, index.modules)):
+            swap = self._swaps.get(u)
+            if swap is None:
+                is_frozen, shown = isinstance(module, FrozenBatchNorm), type(module)
+            else:
+                is_frozen, shown = swap, frozen_class(module) if swap else type(module.original)
+            by = max(int(d.locked_by[u]), int(d.swapped_by[u]))
+            sides = tuple(reversed(added.get(u, []))) + tuple(b.at for b in _boundary.boundaries(module))
+            if u in self._locks:
+                locked = self._locks[u]
+            elif self._d.locked[u] >= 0 or u in self._swaps:
+                locked = bool(self._locked_now[u])
+            else:
+                locked = _lock.is_locked(module)
+            out[name] = ModulePlan(shown.__name__, locked, is_frozen, sides,
+                                   rules[by] if by >= 0 else None,
+                                   u in self._swaps or u in self._locks or u in added)
+        return out
+
+    @cached_property
+    def changes(self) -> list[Change]:
+        """Everything applying this plan would change, parameters first, in model order."""
+        index, d, rules = self._index, self._d, self.policy.rules
+        out = []
+        before, after = self._rg_before, self._rg_after
+        for p in (before != after).nonzero()[0].tolist():
+            out.append(Change("requires_grad", index.param_names[p], bool(before[p]), bool(after[p]),
+                              rules[d.requires_grad_by[p]]))
+        for u, want in self._swaps.items():
+            out.append(Change("frozen_bn", index.module_names[u], not want, want, rules[d.swapped_by[u]]))
+        for u, want in self._locks.items():
+            out.append(Change("eval_lock", index.module_names[u], not want, want, rules[d.locked_by[u]]))
+        for u, i in self._new_boundaries:
+            out.append(Change("boundary", index.module_names[u], None, rules[i].at, rules[i]))
+        return out
+
+    @property
+    def trainable(self) -> list[str]:
+        """Names of the parameters that will be trainable (not frozen, not detached)."""
+        return [n for n, p in self.parameters.items() if p.status == "trainable"]
+
+    @property
+    def frozen(self) -> list[str]:
+        """Names of the parameters that will be frozen."""
+        return [n for n, p in self.parameters.items() if p.status == "frozen"]
+
+    def _dead_rules(self) -> list[str]:
+        d, n = self._d, len(self.policy.rules)
+        # Releasing a lock only matters where one was; a rule whose only surviving decisions are
+        # releases (an unfreeze overridden by a later freeze) is as good as dead.
+        deciding = np.zeros(n, dtype=bool)
+        for by in (d.requires_grad_by, d.locked_by[d.locked == 1], d.swapped_by):
+            deciding[by[by >= 0]] = True
+        out = []
+        for i, rule in enumerate(self.policy.rules):
+            if rule.action != "detach" and d.spoke[i] and not deciding[i]:
+                out.append(f"policy[{i}] {rule!r} is dead: later rules override everything it selects")
+        return out
+
+    def __str__(self) -> str:
+        index, d, rules = self._index, self._d, self.policy.rules
+        n = index.n_params
+        lines = [f"Plan for {index.model_name}: {len(rules)} rules, {n} parameter tensors, "
+                 f"{len(self.changes)} changes"]
+        rg_by = d.requires_grad_by
+        for i, rule in enumerate(rules):
+            mine = (rg_by == i).nonzero()[0]
+            parts = []
+            n_train = int((d.requires_grad[mine] == 1).sum())
+            if len(mine) - n_train:
+                parts.append(f"{len(mine) - n_train} parameters frozen")
+            if n_train:
+                parts.append(f"{n_train} parameters trainable")
+            n_lock = int(((d.locked_by == i) & (d.locked == 1)).sum())
+            n_free = int(((d.locked_by == i) & (d.locked == 0)).sum())
+            n_swap = int(((d.swapped_by == i) & (d.swapped == 1)).sum())
+            if n_lock:
+                parts.append(f"{n_lock} modules eval-locked")
+            if n_free and rule.action != "unfreeze":
+                parts.append(f"{n_free} modules released")
+            if n_swap:
+                parts.append(f"{n_swap} BatchNorms -> FrozenBatchNorm")
+            n_cut = sum(1 for _, r in d.boundaries if r == i)
+            if n_cut:
+                parts.append(f"{n_cut} boundaries at {rule.at}")
+            lines.append(f"  policy[{i}] {rule!r}: {', '.join(parts) if parts else 'decides nothing'}")
+            if len(mine):
+                lines.append("      " + _some([index.param_names[p] for p in mine[:7]], len(mine)))
+        undecided = int((rg_by < 0).sum())
+        if undecided:
+            lines.append(f"  no rule: {undecided} parameters keep their flag")
+        statuses = [p.status for p in self.parameters.values()]
+        lines.append(f"Result: {statuses.count('trainable')} trainable, {statuses.count('frozen')} frozen, "
+                     f"{statuses.count('detached')} detached parameter tensors")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Plan {self._index.model_name}: {len(self.changes)} changes, {len(self.warnings)} warnings>"
+
+
+def _some(names: list[str], total: int) -> str:
+    shown = ", ".join(names[:6])
+    return shown + (f", ... ({total - 6} more)" if total > 6 else "")
