@@ -12,20 +12,29 @@ Example:
     >>> applied.undo()
 """
 
+from .audit import Finding, Findings, audit
 from .errors import (
     ConfigError,
     DeadRuleWarning,
     FreezekitError,
     FreezekitWarning,
+    FrozenParameterChanged,
+    ModuleMismatchError,
     NoMatchError,
     PatternError,
+    StateError,
 )
+from .grads import grads
 from .index import unwrap
 from .norm import FrozenBatchNorm, FrozenBatchNormAct
 from .plan import Change, ModulePlan, ParamPlan, Plan
 from .policy import Applied, Policy
 from .rules import Rule, detach, eval_mode, freeze, unfreeze
 from .select import Selection, Selector, first, glob, last, names, norms, regex, types, where
+from .state import State, load_state, state, state_dict
+from .targets import frozen_copy, hard_update, polyak_update
+from .values import detached, stop_gradient, to_cpu, to_numpy, to_python
+from .verify import assert_frozen
 
 __version__ = "0.1.0"
 
@@ -34,10 +43,14 @@ __all__ = [
     "Change",
     "ConfigError",
     "DeadRuleWarning",
+    "Finding",
+    "Findings",
     "FreezekitError",
     "FreezekitWarning",
     "FrozenBatchNorm",
     "FrozenBatchNormAct",
+    "FrozenParameterChanged",
+    "ModuleMismatchError",
     "ModulePlan",
     "NoMatchError",
     "ParamPlan",
@@ -47,16 +60,32 @@ __all__ = [
     "Rule",
     "Selection",
     "Selector",
+    "State",
+    "StateError",
     "__version__",
+    "assert_frozen",
+    "audit",
     "detach",
+    "detached",
     "eval_mode",
     "first",
     "freeze",
+    "frozen_copy",
     "glob",
+    "grads",
+    "hard_update",
     "last",
+    "load_state",
     "names",
     "norms",
+    "polyak_update",
     "regex",
+    "state",
+    "state_dict",
+    "stop_gradient",
+    "to_cpu",
+    "to_numpy",
+    "to_python",
     "types",
     "unfreeze",
     "unwrap",

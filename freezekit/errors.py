@@ -4,9 +4,12 @@ Every error is a :class:`FreezekitError` and also the builtin it refines, so cod
 catches ``ValueError`` or ``TypeError`` keeps working::
 
     FreezekitError(Exception)
-    ├── NoMatchError(FreezekitError, ValueError)      a selector matched nothing
-    ├── PatternError(FreezekitError, ValueError)      a pattern, regex or type name is malformed
-    └── ConfigError(FreezekitError, ValueError)       a policy config (list of rules) is malformed
+    ├── NoMatchError(FreezekitError, ValueError)            a selector matched nothing
+    ├── PatternError(FreezekitError, ValueError)            a pattern, regex or type name is malformed
+    ├── ConfigError(FreezekitError, ValueError)             a policy config (list of rules) is malformed
+    ├── StateError(FreezekitError, ValueError)              a saved freeze state is malformed or does not fit
+    ├── ModuleMismatchError(FreezekitError, ValueError)     target and source networks differ
+    └── FrozenParameterChanged(FreezekitError, AssertionError)  something frozen moved (fk.assert_frozen)
 
     FreezekitWarning(UserWarning)
     └── DeadRuleWarning(FreezekitWarning)            a rule that later rules fully override
@@ -23,8 +26,11 @@ __all__ = [
     "DeadRuleWarning",
     "FreezekitError",
     "FreezekitWarning",
+    "FrozenParameterChanged",
+    "ModuleMismatchError",
     "NoMatchError",
     "PatternError",
+    "StateError",
     "closest",
 ]
 
@@ -52,6 +58,28 @@ class PatternError(FreezekitError, ValueError):
 
 class ConfigError(FreezekitError, ValueError):
     """A policy or rule config (the recipe form) is malformed; the message names the field."""
+
+
+class StateError(FreezekitError, ValueError):
+    """A saved state that is malformed or does not fit the model it is loaded into."""
+
+
+class ModuleMismatchError(FreezekitError, ValueError):
+    """Two modules that should have the same parameters and buffers do not."""
+
+
+class FrozenParameterChanged(FreezekitError, AssertionError):
+    """Frozen parameters or locked norm statistics changed inside an ``assert_frozen`` block.
+
+    Attributes:
+        names: qualified names of the tensors that changed, in model order.
+    """
+
+    def __init__(self, names: list[str], model: str):
+        self.names = names
+        shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
+        super().__init__(f"{len(names)} frozen tensor{'s' if len(names) != 1 else ''} of {model} changed inside "
+                         f"assert_frozen: {shown}")
 
 
 class FreezekitWarning(UserWarning):

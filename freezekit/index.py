@@ -87,6 +87,7 @@ class ModelIndex:
         mod_pstart: list[int] = [0]
         mod_cls: list[type] = [type(root)]
         with_train: list[int] = [0] if "train" in root.__dict__ else []  # may hold an eval lock
+        with_forward: list[int] = [0] if "forward" in root.__dict__ else []  # may hold a boundary
         with_stats: list[int] = [0] if has_running_stats(root) else []
         par_occ: list[nn.Parameter] = [p for p in root._parameters.values() if p is not None]
         par_names: list[str] = [k for k, p in root._parameters.items() if p is not None]
@@ -117,6 +118,8 @@ class ModelIndex:
                 add_cls(cls)
                 if "train" in state:
                     with_train.append(i)
+                if "forward" in state:
+                    with_forward.append(i)
                 buffers = state.get("_buffers")
                 if buffers and (buffers.get("running_mean") is not None or buffers.get("running_var") is not None):
                     with_stats.append(i)  # what norm="eval" locks, see norm.has_running_stats
@@ -162,6 +165,8 @@ class ModelIndex:
         self.has_grad[self.par_uid[with_grad]] = True
         self.maybe_locked = np.zeros(self.n_modules, dtype=bool)
         self.maybe_locked[self.mod_uid[with_train]] = True
+        self.maybe_cut = np.zeros(self.n_modules, dtype=bool)
+        self.maybe_cut[self.mod_uid[with_forward]] = True
         self.running_stats = np.zeros(self.n_modules, dtype=bool)
         self.running_stats[self.mod_uid[with_stats]] = True
 
@@ -241,6 +246,14 @@ class ModelIndex:
         hits = np.zeros(len(self.names.names), dtype=bool)
         hits[: self.n_mod_occ] = unique[self.mod_uid]
         return self.expand(hits)
+
+    def params_only_under(self, unique: np.ndarray) -> np.ndarray:
+        """Unique-parameter mask of the parameters every name of which lies under a module of the
+        unique-module mask ``unique`` (a tied parameter also used outside is not)."""
+        starts = unique[self.mod_uid].nonzero()[0]
+        under = _cover(self.mod_pstart[starts], self.mod_pstart[self.mod_end[starts]], len(self.par_uid))
+        outside = np.bincount(self.par_uid[~under], minlength=self.n_params)
+        return outside == 0
 
     @cached_property
     def _classes(self) -> tuple[list[type], np.ndarray]:

@@ -102,6 +102,13 @@ class NameList:
         except ValueError:
             return None
 
+    def positions(self, names: tuple[str, ...] | list[str]) -> list[int | None]:
+        """Position of each of ``names``, or None where absent."""
+        if len(names) <= 8:
+            return [self.find(name) for name in names]
+        position = {name: i for i, name in enumerate(self.names)}
+        return [position.get(name) for name in names]
+
     def exact(self, name: str) -> np.ndarray:
         """Boolean mask of the names equal to ``name``."""
         mask = np.zeros(len(self.names), dtype=bool)

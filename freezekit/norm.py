@@ -14,6 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Set on a norm layer whose statistics a policy chose to let adapt (freeze(norm="train")), so that
+# fk.audit does not report them as drifting.
+STATS_ADAPT = "_freezekit_stats_adapt"
+
 __all__ = ["FrozenBatchNorm", "FrozenBatchNormAct", "can_swap", "has_running_stats", "is_norm", "may_swap"]
 
 _TORCH_NORMS: tuple[type, ...] = tuple(
@@ -55,6 +59,11 @@ def is_norm(cls: type) -> bool:
 def may_swap(cls: type) -> bool:
     """True if modules of class ``cls`` may be swappable BatchNorms or already frozen ones."""
     return issubclass(cls, FrozenBatchNorm) or _key(cls) in _SWAPPABLE or _key(cls) in _SWAPPABLE_WITH_ACT
+
+
+def is_frozen_bn(cls: type) -> bool:
+    """True if modules of class ``cls`` are freezekit's frozen BatchNorms."""
+    return issubclass(cls, FrozenBatchNorm)
 
 
 def has_running_stats(module: nn.Module) -> bool:

@@ -19,7 +19,7 @@ from . import boundary as _boundary
 from . import lock as _lock
 from .errors import NoMatchError, closest
 from .index import ModelIndex
-from .norm import FrozenBatchNorm, frozen_class, is_norm, may_swap
+from .norm import STATS_ADAPT, FrozenBatchNorm, frozen_class, is_frozen_bn, is_norm, may_swap
 from .rules import Rule
 from .select import Resolver, Selector, Unmatched
 
@@ -41,10 +41,7 @@ class Decisions:
     swapped_by: np.ndarray
     boundaries: list[tuple[int, int]]  # (unique module, rule) in order
     spoke: np.ndarray  # bool per rule: it decided something before later rules spoke
-
-
-def _module_mask(index: ModelIndex, test) -> np.ndarray:
-    return np.fromiter((test(m) for m in index.modules), dtype=bool, count=index.n_modules)
+    stats_adapt: np.ndarray  # int8 per unique module: 1 where freeze(norm="train") chose moving statistics
 
 
 def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
@@ -55,6 +52,8 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
     locked_by = np.full(n_mod, -1, dtype=np.int32)
     swapped = np.full(n_mod, -1, dtype=np.int8)
     swapped_by = np.full(n_mod, -1, dtype=np.int32)
+    adapt = np.full(n_mod, -1, dtype=np.int8)
+    adapt_by = np.full(n_mod, -1, dtype=np.int32)
     adds: list[tuple[int, int]] = []
     spoke = np.zeros(len(rules), dtype=bool)
     resolver = Resolver(index)
@@ -107,15 +106,19 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
             else:
                 mark(locked, locked_by, stats, 0, i)
                 mark(swapped, swapped_by, swap, 0, i)
+            mark(adapt, adapt_by, stats, 1 if rule.norm == "train" else 0, i)
             spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(norm_mods))
         elif rule.action == "unfreeze":
             mark(rg, rg_by, pars, 1, i)
             mark(locked, locked_by, mods, 0, i)
             if np.count_nonzero(mods):
                 mark(swapped, swapped_by, mods & norm_masks()["swap"], 0, i)
+                mark(adapt, adapt_by, mods & norm_masks()["stats"], 0, i)
             spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(mods))
         elif rule.action == "eval_mode":
             mark(locked, locked_by, mods, 1, i)
+            if np.count_nonzero(mods):
+                mark(adapt, adapt_by, mods & norm_masks()["stats"], 0, i)
             spoke[i] = bool(np.count_nonzero(mods))
         else:  # detach
             roots = index.complete_roots(mods).nonzero()[0]
@@ -125,7 +128,7 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
                                 f"{index.model_name}; a boundary goes on modules")
     if problems:
         raise NoMatchError(problems)
-    return Decisions(rg, rg_by, locked, locked_by, swapped, swapped_by, adds, spoke)
+    return Decisions(rg, rg_by, locked, locked_by, swapped, swapped_by, adds, spoke, adapt)
 
 
 def _no_match(i: int, rule: Rule, u: Unmatched, sel: Selector, index: ModelIndex) -> str:
@@ -212,7 +215,7 @@ class Plan:
     def _swaps(self) -> dict[int, bool]:
         """Unique module -> True (swap in a FrozenBatchNorm) / False (restore the original)."""
         d = self._d.swapped
-        is_frozen = self._index.class_mask(lambda c: issubclass(c, FrozenBatchNorm))
+        is_frozen = self._index.class_mask(is_frozen_bn)
         changed = ((d >= 0) & ((d == 1) != is_frozen)).nonzero()[0]
         return dict(zip(changed.tolist(), (d[changed] == 1).tolist()))
 
@@ -234,6 +237,17 @@ class Plan:
         return dict(zip(changed.tolist(), (d[changed] == 1).tolist()))
 
     @cached_property
+    def _adapt_marks(self) -> dict[int, bool]:
+        """Unique module -> mark (True) / unmark (False) as chosen to keep adapting its statistics."""
+        d, modules = self._d.stats_adapt, self._index.modules
+        out = {}
+        for u in (d >= 0).nonzero()[0].tolist():
+            want = bool(d[u])
+            if want != bool(modules[u].__dict__.get(STATS_ADAPT)):
+                out[u] = want
+        return out
+
+    @cached_property
     def _new_boundaries(self) -> list[tuple[int, int]]:
         """(unique module, rule) of the boundaries to add; one already there is not added again."""
         out, seen = [], set()
@@ -250,13 +264,15 @@ class Plan:
     def _detached(self) -> np.ndarray:
         """Unique parameters behind an output boundary after the plan."""
         index = self._index
-        cut = _module_mask(index, lambda m: any(b.at == "output" for b in _boundary.boundaries(m)))
+        cut = np.zeros(index.n_modules, dtype=bool)
+        for u in index.maybe_cut.nonzero()[0].tolist():
+            cut[u] = any(b.at == "output" for b in _boundary.boundaries(index.modules[u]))
         for u, i in self._d.boundaries:
             if self.policy.rules[i].at == "output":
                 cut[u] = True
         if not np.count_nonzero(cut):
             return np.zeros(index.n_params, dtype=bool)
-        return index.expand_modules(cut)[1]
+        return index.params_only_under(cut)
 
     # -- public views
 

@@ -34,7 +34,7 @@ from . import boundary as _boundary
 from . import lock as _lock
 from .errors import ConfigError, DeadRuleWarning, FreezekitError
 from .index import ModelIndex
-from .norm import FrozenBatchNorm, frozen, original_of
+from .norm import STATS_ADAPT, FrozenBatchNorm, frozen, original_of
 from .plan import Change, Plan, decide
 from .rules import Rule
 
@@ -57,6 +57,21 @@ def _gc_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+# DistributedDataParallel leaves out of its reducer the parameters named in this attribute of the
+# module it wraps (its own "module_name.param_name" spelling, so ".weight" for the root's).
+_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
+_UNSET = object()
+
+
+def _ddp_names(plan: Plan) -> set[str]:
+    """DDP's names of the parameters behind an output boundary after ``plan``: they can receive no
+    gradient, and a reducer waiting for them would fail the next iteration."""
+    index = plan._index
+    behind = plan._detached[index.par_uid]
+    names = {index.par_names[j] for j in behind.nonzero()[0].tolist()}
+    return names | {"." + n for n in names if "." not in n}
 
 
 # Live handles per model root, to undo in reverse order.
@@ -120,7 +135,18 @@ class Applied:
                     locked.append(module)
                 else:
                     released.append((module, _lock.unlock(module)))
-        # 4. boundaries
+        # 4. norm layers whose statistics were chosen to adapt (audit reads it)
+        if plan._adapt_marks:
+            marks = []
+            log.append(("attribute", marks))
+            for u, want in plan._adapt_marks.items():
+                module = at.get(u, index.modules[u])
+                marks.append((module, STATS_ADAPT, module.__dict__.get(STATS_ADAPT, _UNSET)))
+                if want:
+                    module.__dict__[STATS_ADAPT] = True
+                else:
+                    module.__dict__.pop(STATS_ADAPT, None)
+        # 5. boundaries
         if plan._new_boundaries:
             added = []
             log.append(("boundary", added))
@@ -128,6 +154,11 @@ class Applied:
                 rule = plan.policy.rules[i]
                 module = at.get(u, index.modules[u])
                 added.append((module, _boundary.add(module, rule.at, rule.no_grad)))
+            # 6. a DDP wrapper built later must not wait for gradients that cannot come
+            root = index.root
+            before = root.__dict__.get(_DDP_IGNORE, _UNSET)
+            log.append(("attribute", [(root, _DDP_IGNORE, before)]))
+            root.__dict__[_DDP_IGNORE] = sorted(set(before if before is not _UNSET else ()) | _ddp_names(plan))
 
     def undo(self) -> None:
         """Restore the flags, modes, modules and boundaries this apply changed (modifies the model
@@ -159,8 +190,14 @@ class Applied:
                         _lock.unlock(entry)
                     elif kind == "unlocked":
                         _lock.lock(*entry)
-                    else:
+                    elif kind == "boundary":
                         _boundary.remove(*entry)
+                    else:
+                        owner, name, value = entry
+                        if value is _UNSET:
+                            owner.__dict__.pop(name, None)
+                        else:
+                            owner.__dict__[name] = value
         self._log.clear()
         self._done = True
 

@@ -215,7 +215,12 @@ class Names(Selector):
     names: tuple[str, ...]
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
-        return r.index.expand(_hits(r, self, self.names, r.index.names.exact))
+        idx = r.index
+        found = idx.names.positions(self.names)
+        r.unmatched += [Unmatched(self, name, "name") for name, at in zip(self.names, found) if at is None]
+        hits = np.zeros(len(idx.names.names), dtype=bool)
+        hits[[at for at in found if at is not None]] = True
+        return idx.expand(hits)
 
     def to_config(self) -> Any:
         return {"names": list(self.names)}
@@ -383,6 +388,31 @@ class Where(Selector):
 
     def __repr__(self) -> str:
         return f"where({getattr(self.fn, '__name__', 'fn')})"
+
+
+@dataclass(frozen=True)
+class Exactly(Selector):
+    """Exactly the named modules: not their submodules, not their parameters. Internal: it lets a
+    saved state lock or swap one module without speaking for its children."""
+
+    modules: tuple[str, ...]
+
+    def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
+        idx = r.index
+        found = idx.names.positions(self.modules)
+        unique = np.zeros(idx.n_modules, dtype=bool)
+        for name, at in zip(self.modules, found):
+            if at is None or at >= idx.n_mod_occ:
+                r.unmatched.append(Unmatched(self, name, "module"))
+            else:
+                unique[idx.mod_uid[at]] = True
+        return unique, np.zeros(idx.n_params, dtype=bool)
+
+    def to_config(self) -> Any:
+        raise TypeError("Exactly() is internal to saved states and has no config form")
+
+    def __repr__(self) -> str:
+        return f"exactly({', '.join(map(repr, self.modules))})"
 
 
 # ------------------------------------------------------------------------------------ combinators

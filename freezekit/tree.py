@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -38,17 +39,34 @@ def tree_map(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
         if hasattr(value, "_fields"):  # namedtuple
             return type(value)(*items)
         return _rebuilt(value, items)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # before dict: ModelOutput is both
+        return _dataclass(fn, value)
     if isinstance(value, dict):
-        out = copy.copy(value)  # keeps OrderedDict, defaultdict, ModelOutput-style subclasses
-        for key, v in value.items():
-            out[key] = tree_map(fn, v)
-        return out
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = copy.copy(value)
-        for field in dataclasses.fields(value):
-            object.__setattr__(out, field.name, tree_map(fn, getattr(value, field.name)))
-        return out
+        items = [(key, tree_map(fn, v)) for key, v in value.items()]
+        if type(value) is dict:
+            return dict(items)
+        if type(value) is OrderedDict:  # named as such, so that torch.compile can trace it
+            return OrderedDict(items)
+        try:
+            return type(value)(items)  # OrderedDict and kin, rebuilt the way torch.compile can trace
+        except TypeError:  # defaultdict and others whose constructor wants more
+            out = copy.copy(value)
+            out.update(items)
+            return out
     return value
+
+
+def _dataclass(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
+    fields = dataclasses.fields(value)
+    mapped = {f.name: tree_map(fn, getattr(value, f.name)) for f in fields}
+    try:
+        out = type(value)(**{f.name: mapped[f.name] for f in fields if f.init})
+        rest = [f for f in fields if not f.init]
+    except TypeError:  # an __init__ that takes more than the fields (InitVar)
+        out, rest = copy.copy(value), fields
+    for f in rest:
+        object.__setattr__(out, f.name, mapped[f.name])
+    return out
 
 
 def _rebuilt(value: Any, items: list) -> Any:
