@@ -177,7 +177,8 @@ def load_state(model: nn.Module, saved: dict[str, Any] | State) -> Applied:
         rules.append(unfreeze(names(*moving)))
     if target.eval_locked:
         rules.append(eval_mode(Exactly(target.eval_locked)))
-    rules += [detach(Exactly((b.module,)), at=b.at, no_grad=b.no_grad) for b in target.boundaries]
+    rules += [detach(names(b.module), at=b.at, no_grad=b.no_grad) for b in target.boundaries]  # names(): the
+    # module and all below, so the boundary goes on it (the outermost whole module selected)
     return Policy(*rules).apply(model)
 
 

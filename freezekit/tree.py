@@ -3,7 +3,8 @@
 The structures freezekit walks -- module inputs and outputs, values to log, targets -- are any
 nesting of dict, list, tuple, namedtuple and dataclass. :func:`tree_map` rebuilds the same
 structure (same types, same keys) with ``fn`` applied to every tensor; everything else is kept
-as it is, by reference.
+as it is, by reference. It stays traceable by ``torch.compile`` for the usual containers, so a
+gradient boundary adds no graph break.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import copy
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import torch
 
 __all__ = ["tree_map"]
+
+_Tensor = torch.Tensor
 
 
 def tree_map(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
@@ -27,28 +31,30 @@ def tree_map(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
         >>> tree_map(lambda t: t * 2, {"a": [torch.tensor(1.0)], "b": "text"})
         {'a': [tensor(2.)], 'b': 'text'}
     """
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, _Tensor):
         return fn(value)
-    if isinstance(value, list):
-        items = [tree_map(fn, v) for v in value]
-        return items if type(value) is list else _rebuilt(value, items)
-    if isinstance(value, tuple):
-        items = [tree_map(fn, v) for v in value]
-        if type(value) is tuple:
-            return tuple(items)
-        if hasattr(value, "_fields"):  # namedtuple
-            return type(value)(*items)
-        return _rebuilt(value, items)
+    kind = type(value)
+    if kind is dict:  # the common containers first, each item's tensor test inline
+        return {k: fn(v) if isinstance(v, _Tensor) else tree_map(fn, v) for k, v in value.items()}
+    if kind is list:
+        return [fn(v) if isinstance(v, _Tensor) else tree_map(fn, v) for v in value]
+    if kind is tuple:
+        return tuple([fn(v) if isinstance(v, _Tensor) else tree_map(fn, v) for v in value])
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):  # before dict: ModelOutput is both
         return _dataclass(fn, value)
+    if isinstance(value, tuple):
+        items = [tree_map(fn, v) for v in value]
+        return kind(*items) if hasattr(value, "_fields") else _rebuilt(value, items)  # namedtuple, or other
+    if isinstance(value, list):
+        return _rebuilt(value, [tree_map(fn, v) for v in value])
     if isinstance(value, dict):
         items = [(key, tree_map(fn, v)) for key, v in value.items()]
-        if type(value) is dict:
-            return dict(items)
-        if type(value) is OrderedDict:  # named as such, so that torch.compile can trace it
+        if kind is OrderedDict:  # named as such, so that torch.compile can trace it
             return OrderedDict(items)
         try:
-            return type(value)(items)  # OrderedDict and kin, rebuilt the way torch.compile can trace
+            return kind(items)
         except TypeError:  # defaultdict and others whose constructor wants more
             out = copy.copy(value)
             out.update(items)
@@ -56,16 +62,24 @@ def tree_map(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
     return value
 
 
+@cache
+def _fields(kind: type) -> tuple[tuple[str, bool], ...]:
+    return tuple((f.name, f.init) for f in dataclasses.fields(kind))
+
+
 def _dataclass(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
-    fields = dataclasses.fields(value)
-    mapped = {f.name: tree_map(fn, getattr(value, f.name)) for f in fields}
+    if torch.compiler.is_compiling():  # dynamo reads fields from the instance, not through a cache
+        fields = tuple((f.name, f.init) for f in dataclasses.fields(value))
+    else:
+        fields = _fields(type(value))
+    mapped = {name: tree_map(fn, getattr(value, name)) for name, _ in fields}
     try:
-        out = type(value)(**{f.name: mapped[f.name] for f in fields if f.init})
-        rest = [f for f in fields if not f.init]
+        out = type(value)(**{name: mapped[name] for name, init in fields if init})
+        rest = [name for name, init in fields if not init]
     except TypeError:  # an __init__ that takes more than the fields (InitVar)
-        out, rest = copy.copy(value), fields
-    for f in rest:
-        object.__setattr__(out, f.name, mapped[f.name])
+        out, rest = copy.copy(value), [name for name, _ in fields]
+    for name in rest:
+        object.__setattr__(out, name, mapped[name])
     return out
 
 

@@ -24,19 +24,12 @@ __all__ = ["detached", "stop_gradient", "to_cpu", "to_numpy", "to_python"]
 
 
 def _mapped(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if type(value) is list:  # the shape of most logged batches: skip the generic walk's checks
-        return [fn(v) if isinstance(v, torch.Tensor) else tree_map(fn, v) for v in value]
-    return tree_map(fn, value)
+    return fn(value) if isinstance(value, torch.Tensor) else tree_map(fn, value)
 
 
-def _copy(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone()
-
-
-def _detach(t: torch.Tensor) -> torch.Tensor:
-    return t.detach()
+# A clone made under no_grad is a detached copy: a leaf without graph, in its own storage.
+_copy = torch.Tensor.clone
+_detach = torch.Tensor.detach
 
 
 def detached(value: Any, clone: bool = True) -> Any:
@@ -55,7 +48,10 @@ def detached(value: Any, clone: bool = True) -> Any:
     """
     if not isinstance(clone, bool):
         raise TypeError(f"detached(): clone: expected True or False, got {clone!r}")
-    return _mapped(_copy if clone else _detach, value)
+    if not clone:
+        return _mapped(_detach, value)
+    with torch.no_grad():
+        return _mapped(_copy, value)
 
 
 def stop_gradient(value: Any) -> Any:
@@ -65,12 +61,13 @@ def stop_gradient(value: Any) -> Any:
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True)
+    return t.to("cpu", copy=True)
 
 
 def to_cpu(value: Any) -> Any:
     """Detached copies on the CPU (a copy even of CPU tensors, so logs never change afterwards)."""
-    return _mapped(_cpu, value)
+    with torch.no_grad():
+        return _mapped(_cpu, value)
 
 
 # Floating dtypes numpy lacks: bfloat16 and the float8 family.
