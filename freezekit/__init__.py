@@ -32,6 +32,7 @@ from .policy import Applied, Policy
 from .rules import Rule, detach, eval_mode, freeze, unfreeze
 from .select import Selection, Selector, first, glob, last, names, norms, regex, types, where
 from .state import State, load_state, state, state_dict
+from .summary import Summary, summary
 from .targets import frozen_copy, hard_update, polyak_update
 from .values import detached, stop_gradient, to_cpu, to_numpy, to_python
 from .verify import assert_frozen
@@ -62,6 +63,7 @@ __all__ = [
     "Selector",
     "State",
     "StateError",
+    "Summary",
     "__version__",
     "assert_frozen",
     "audit",
@@ -83,6 +85,7 @@ __all__ = [
     "state",
     "state_dict",
     "stop_gradient",
+    "summary",
     "to_cpu",
     "to_numpy",
     "to_python",

@@ -14,7 +14,9 @@ FSDP2 (``fully_shard``) keeps the model's own names and needs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cached_property
 
 import numpy as np
@@ -23,7 +25,7 @@ import torch.nn as nn
 from .names import NameList, fixed_start
 from .norm import has_running_stats
 
-__all__ = ["ModelIndex", "unwrap"]
+__all__ = ["ModelIndex", "gc_paused", "unwrap"]
 
 # (defining module, qualified name) of wrapper classes -> attribute that holds the wrapped module.
 # Matched by name so that nothing (torch._dynamo, torch.distributed) is imported to recognise them.
@@ -67,6 +69,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     return _inside_wrappers(model)
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a model is walked or changed.
+
+    Walking 100k modules allocates a few hundred thousand short-lived objects; each generational
+    collection they trigger also scans the model's own objects, which costs more than the walk.
+    Whatever became garbage meanwhile is collected as usual once it resumes.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 class ModelIndex:
     """The modules and parameters of ``model`` (unwrapped), as flat arrays in model order.
 
@@ -79,6 +99,10 @@ class ModelIndex:
     def __init__(self, model: nn.Module):
         self.model = model
         self.root = root = unwrap(model)
+        with gc_paused():
+            self._walk(root)
+
+    def _walk(self, root: nn.Module) -> None:
         # The walk is the hot loop of every apply: locals only, one iterator per container, no
         # per-module tuple (they would wake the garbage collector). Order is named_modules()'s.
         occ: list[nn.Module] = [root]
@@ -86,6 +110,7 @@ class ModelIndex:
         mod_parent: list[int] = [-1]
         mod_pstart: list[int] = [0]
         mod_cls: list[type] = [type(root)]
+        mod_training: list[bool] = [root.training]
         with_train: list[int] = [0] if "train" in root.__dict__ else []  # may hold an eval lock
         with_forward: list[int] = [0] if "forward" in root.__dict__ else []  # may hold a boundary
         with_stats: list[int] = [0] if has_running_stats(root) else []
@@ -116,6 +141,7 @@ class ModelIndex:
                 add_parent(parent)
                 add_pstart(n_par)
                 add_cls(cls)
+                mod_training.append(state.get("training", True))
                 if "train" in state:
                     with_train.append(i)
                 if "forward" in state:
@@ -158,6 +184,7 @@ class ModelIndex:
         first_mod = np.zeros(self.n_modules, dtype=np.int64)
         first_mod[self.mod_uid[::-1]] = np.arange(len(occ) - 1, -1, -1)
         self._module_classes = mod_cls if len(occ) == self.n_modules else [mod_cls[i] for i in first_mod.tolist()]
+        self.training = np.array(mod_training, dtype=bool)[first_mod]  # each module's mode, as walked
         first_par = np.zeros(self.n_params, dtype=np.int64)
         first_par[self.par_uid[::-1]] = np.arange(len(par_occ) - 1, -1, -1)
         self.requires_grad = np.array(par_rg, dtype=bool)[first_par]  # before any change

@@ -21,11 +21,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import gc
 import warnings
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch.nn as nn
@@ -33,30 +31,12 @@ import torch.nn as nn
 from . import boundary as _boundary
 from . import lock as _lock
 from .errors import ConfigError, DeadRuleWarning, FreezekitError
-from .index import ModelIndex
+from .index import ModelIndex, gc_paused
 from .norm import STATS_ADAPT, FrozenBatchNorm, frozen, original_of
 from .plan import Change, Plan, decide
 from .rules import Rule
 
 __all__ = ["Applied", "Policy"]
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a model is walked or changed.
-
-    Walking 100k modules allocates a few hundred thousand short-lived objects; each generational
-    collection they trigger also scans the model's own objects, which costs more than the walk.
-    Whatever became garbage meanwhile is collected as usual once it resumes.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 # DistributedDataParallel leaves out of its reducer the parameters named in this attribute of the
@@ -173,7 +153,7 @@ class Applied:
         _live[self.plan._index.root] = [h for h in handles if h() is not self]
 
     def _rollback(self) -> None:
-        with _gc_paused():
+        with gc_paused():
             for kind, entries in reversed(self._log):
                 for entry in reversed(entries):
                     if kind == "module":
@@ -278,7 +258,7 @@ class Policy:
         Raises:
             NoMatchError: a strict selector matched nothing (all such problems, one per line).
         """
-        with _gc_paused():
+        with gc_paused():
             index = ModelIndex(model)
             plan = Plan(self, index, decide(self.rules, index))
         for line in plan.warnings:
@@ -291,7 +271,7 @@ class Policy:
         Works on the model inside DDP / ``torch.compile`` / FSDP wrappers, by the inner names.
         Nothing changes if planning fails; if applying fails midway, what was done is undone.
         """
-        with _gc_paused():
+        with gc_paused():
             index = ModelIndex(model)
             plan = Plan(self, index, decide(self.rules, index))
             handle = Applied(model, plan)
