@@ -30,6 +30,11 @@ def root(
     eval-lock parts of a model by name, pattern, type or position."""
 
 
+from . import summary as _summary  # noqa: E402  (commands register on the app above)
+
+app.command("summary")(_summary.command)
+
+
 def main() -> None:
     """Entry point of the ``freezekit`` console script and ``python -m freezekit``."""
     app()

@@ -1,0 +1,66 @@
+"""``freezekit summary MODEL``: the frozen-layer table of a timm or torchvision model."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..models import build
+from ..policy import Policy
+from ..rules import detach, freeze, unfreeze
+from ..summary import Summary, summary
+from .errors import user_errors
+
+COLOURS = {"trainable": "green", "frozen": "blue", "partial": "yellow", "detached": "magenta", "-": "dim"}
+
+
+class Format(str, Enum):
+    table = "table"
+    markdown = "markdown"
+    json = "json"
+
+
+def command(
+    model: str = typer.Argument(..., help="timm:NAME or torchvision:NAME, built on the meta device (no weights)."),
+    freeze_: list[str] = typer.Option([], "--freeze", help="Freeze what this pattern selects (repeatable)."),
+    unfreeze_: list[str] = typer.Option([], "--unfreeze", help="Then unfreeze what this selects (repeatable)."),
+    detach_: list[str] = typer.Option([], "--detach", help="Then put a boundary at its output (repeatable)."),
+    depth: int = typer.Option(None, "--depth", min=1, help="Row depth (default: the deepest that fits ~40 rows)."),
+    fmt: Format = typer.Option(Format.table, "--format", help="table, markdown or json."),
+) -> None:
+    """Show what trains and what is frozen in MODEL, as the --freeze/--unfreeze/--detach patterns would
+    leave it (applied in that order; "re:" for a regex). Instant: no weights, no forward pass."""
+    with user_errors():
+        try:
+            net = build(model, device="meta")
+        except NotImplementedError:  # some models compute their layout from tensor values
+            typer.echo(f"note: {model} does not build on the meta device; building it on the CPU", err=True)
+            net = build(model, device="cpu")
+        rules = [r(*p) for r, p in ((freeze, freeze_), (unfreeze, unfreeze_), (detach, detach_)) if p]
+        result = summary(net, depth=depth, policy=Policy(*rules) if rules else None)
+    if fmt is Format.json:
+        typer.echo(result.to_json())
+    elif fmt is Format.markdown:
+        typer.echo(result.to_markdown())
+    else:
+        _print_table(result)
+
+
+def _print_table(result: Summary) -> None:
+    console = Console()
+    if not console.is_terminal:
+        typer.echo(str(result))
+        return
+    table = Table(title=f"{result.model} (depth {result.depth})", title_justify="left")
+    for name, justify in (("name", "left"), ("type", "left"), ("parameters", "right"), ("trainable", "right"),
+                          ("status", "left"), ("mode", "left")):
+        table.add_column(name, justify=justify)
+    for row in result.rows:
+        table.add_row("  " * (row.depth - 1) + row.name, row.type + (f" x{row.count}" if row.count > 1 else ""),
+                      f"{row.parameters:,}", f"{row.trainable:,}", f"[{COLOURS.get(row.status, 'white')}]{row.status}",
+                      row.mode)
+    console.print(table)
+    console.print(result._footer())
