@@ -144,10 +144,14 @@ class _Table:
         self.numel, self.size, self.status = numel, size, status
 
     def row(self, members: np.ndarray, name: str, depth: int) -> Row:
-        total = int(self.total[members].sum())
-        counts = [int(c[members].sum()) for c in self.by_status]
+        if len(members) == 1:  # most rows: plain lookups
+            m = int(members[0])
+            total, counts, modes = int(self.total[m]), [int(c[m]) for c in self.by_status], {int(self.mode_of[m])}
+        else:
+            total = int(self.total[members].sum())
+            counts = [int(c[members].sum()) for c in self.by_status]
+            modes = set(self.mode_of[members].tolist())
         status = "-" if total == 0 else next((s for s, c in zip(STATUS, counts) if c == total), "partial")
-        modes = set(self.mode_of[members].tolist())
         mode = "eval-locked" if modes == {2} else ("train" if modes == {1} else ("eval" if modes == {0} else "mixed"))
         return Row(name, self.class_names[self.class_of[members[0]]], total, counts[0], status, mode, depth,
                    len(members))
@@ -176,17 +180,17 @@ def _children_groups(table: _Table, members: np.ndarray, label: str) -> list[tup
     return groups
 
 
-def _rows(table: _Table, depth: int, limit: int | None = None,
-          memo: dict[str, list[tuple[np.ndarray, str]]] | None = None) -> list[Row] | None:
+def _rows(table: _Table, depth: int, limit: int | None = None, memo: dict[str, Any] | None = None) -> list[Row] | None:
     """Rows down to ``depth``; None once more than ``limit`` rows would be needed. ``memo`` keeps
-    each group's children between calls at growing depths."""
+    each group's row and children between calls at growing depths."""
     idx = table.index
     memo = {} if memo is None else memo
 
     def children(members: np.ndarray, name: str) -> list[tuple[np.ndarray, str]]:
-        if name not in memo:
-            memo[name] = _children_groups(table, members, name)
-        return memo[name]
+        key = "children:" + name
+        if key not in memo:
+            memo[key] = _children_groups(table, members, name)
+        return memo[key]
 
     rows: list[Row] = []
     for p in range(int(idx.mod_pstart[1]) if len(idx.mod_pstart) > 1 else 0):  # the root's own parameters
@@ -197,7 +201,10 @@ def _rows(table: _Table, depth: int, limit: int | None = None,
     stack = [(g, 1) for g in reversed(children(np.zeros(1, dtype=np.int64), ""))]
     while stack:
         (members, name), level = stack.pop()
-        rows.append(table.row(members, name, level))
+        key = "row:" + name
+        if key not in memo:
+            memo[key] = table.row(members, name, level)
+        rows.append(memo[key])
         if limit is not None and len(rows) > limit:
             return None
         if level < depth:
@@ -240,7 +247,7 @@ def summary(model: nn.Module, depth: int | None = None, policy: Policy | None = 
     status = np.where(~requires_grad, 1, np.where(detached, 2, 0))
     table = _Table(index, status, locked)
     if depth is None:
-        memo: dict[str, list[tuple[np.ndarray, str]]] = {}
+        memo: dict[str, Any] = {}
         depth, rows = 1, _rows(table, 1, memo=memo)
         while True:
             deeper = _rows(table, depth + 1, MAX_ROWS, memo)
