@@ -27,9 +27,11 @@ from .errors import (
 from .grads import grads
 from .index import unwrap
 from .norm import FrozenBatchNorm, FrozenBatchNormAct
+from .optim import SyncReport, param_groups, sync_optimizer
 from .plan import Change, ModulePlan, ParamPlan, Plan
 from .policy import Applied, Policy
 from .rules import Rule, detach, eval_mode, freeze, unfreeze
+from .schedule import Event, Phase, Schedule, gradual_unfreeze
 from .select import Selection, Selector, first, glob, last, names, norms, regex, types, where
 from .state import State, load_state, state, state_dict
 from .summary import Summary, summary
@@ -44,6 +46,7 @@ __all__ = [
     "Change",
     "ConfigError",
     "DeadRuleWarning",
+    "Event",
     "Finding",
     "Findings",
     "FreezekitError",
@@ -56,14 +59,17 @@ __all__ = [
     "NoMatchError",
     "ParamPlan",
     "PatternError",
+    "Phase",
     "Plan",
     "Policy",
     "Rule",
+    "Schedule",
     "Selection",
     "Selector",
     "State",
     "StateError",
     "Summary",
+    "SyncReport",
     "__version__",
     "assert_frozen",
     "audit",
@@ -75,17 +81,20 @@ __all__ = [
     "frozen_copy",
     "glob",
     "grads",
+    "gradual_unfreeze",
     "hard_update",
     "last",
     "load_state",
     "names",
     "norms",
+    "param_groups",
     "polyak_update",
     "regex",
     "state",
     "state_dict",
     "stop_gradient",
     "summary",
+    "sync_optimizer",
     "to_cpu",
     "to_numpy",
     "to_python",
