@@ -103,8 +103,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
         no_decay: ``"auto"`` (biases, 1-D parameters, position/class tokens, and what the model's
             ``no_weight_decay()`` names), a selector / pattern or list of them, or None.
 
-    Every group carries ``name``, ``lr``, ``weight_decay``, and ``base_lr`` / ``base_weight_decay``
-    (the base values, which :func:`sync_optimizer` reuses for groups it adds).
+    Every group carries ``name``, ``lr``, ``weight_decay``, ``lr_scale`` (its rate over the base
+    rate) and ``base_weight_decay``, which :func:`sync_optimizer` reads to add groups consistently.
     """
     _check_number("param_groups(): lr", lr, positive=True)
     _check_number("param_groups(): weight_decay", weight_decay)
@@ -150,7 +150,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
             parts = ([f"layer{layer[p]}"] if layer_decay is not None else []) + \
                     ([f"rule{lr_rule[p]}"] if lr_rule[p] >= 0 else []) + ["decay" if decays[p] else "no_decay"]
             groups[key] = {"name": ".".join(parts), "params": [], "lr": key[0], "weight_decay": key[1],
-                           "base_lr": float(lr), "base_weight_decay": float(weight_decay)}
+                           "lr_scale": key[0] / lr, "base_weight_decay": float(weight_decay)}
         groups[key]["params"].append(index.params[p])
     return list(groups.values())
 
@@ -184,11 +184,12 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, lr_mult: 
     """Bring ``optimizer`` in step with what trains in ``model`` now (modifies both in place).
 
     Newly trainable parameters (by identity: never twice) join as new groups, with weight decay
-    split like :func:`param_groups`, at ``lr_mult`` times the base rate (the ``base_lr`` of the
-    first group, else its ``initial_lr`` if a scheduler set one, else ``optimizer.defaults["lr"]``),
-    and at the point of the schedule the other groups are at. Frozen parameters lose their
-    ``.grad`` (and, with ``drop_state``, their optimizer state). ``scheduler`` (a torch LR scheduler,
-    ``SequentialLR`` and ``ReduceLROnPlateau`` included) learns about the new groups.
+    split like :func:`param_groups`, at ``lr_mult`` times the base rate and at the point of the
+    schedule the other groups are at: the first group's rates (``lr``, and a scheduler's
+    ``initial_lr`` / ``max_lr`` / ``min_lr``), times ``lr_mult`` over that group's own ``lr_scale``.
+    Frozen parameters lose their ``.grad`` (and, with ``drop_state``, their optimizer state).
+    ``scheduler`` (a torch LR scheduler, ``SequentialLR`` and ``ReduceLROnPlateau`` included)
+    learns about the new groups.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"sync_optimizer(): optimizer: expected a torch.optim.Optimizer, "
@@ -208,27 +209,26 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, lr_mult: 
     new = [i for i, (p, rg) in enumerate(zip(index.params, index.requires_grad.tolist())) if rg and id(p) not in held]
     if not new:
         return report
+    # A new group is the first group at lr_mult times the base rate: same point of the schedule,
+    # its rates (lr, and a scheduler's initial / max / min) scaled by lr_mult over the first
+    # group's own scale (param_groups records it; 1 otherwise).
     first = optimizer.param_groups[0]
-    base = first.get("base_lr", first.get("initial_lr", optimizer.defaults.get("lr")))
-    progress = first["lr"] / first["initial_lr"] if first.get("initial_lr") else 1.0
-    no_decay = _no_decay_mask(model, index, "auto")
+    scale = lr_mult / first.get("lr_scale", 1.0)
     decay = first.get("base_weight_decay", optimizer.defaults.get("weight_decay", 0.0))
+    no_decay = _no_decay_mask(model, index, "auto")
     start = len(optimizer.param_groups)
     for flag, suffix in ((False, "decay"), (True, "no_decay")):
         params = [index.params[i] for i in new if bool(no_decay[i]) == flag]
         if not params:
             continue
-        initial = base * lr_mult
-        group = {"name": f"sync{start}.{suffix}", "params": params, "lr": initial * progress, "base_lr": base,
+        group = {"name": f"sync{start}.{suffix}", "params": params, "lr": first["lr"] * scale, "lr_scale": lr_mult,
                  "base_weight_decay": decay, "weight_decay": 0.0 if flag else decay}
-        if "initial_lr" in first:
-            group["initial_lr"] = initial
-            for key in ("max_lr", "min_lr"):  # OneCycleLR keeps these per group...
-                if key in first:
-                    group[key] = first[key] * initial / first["initial_lr"]
-            for key in ("max_momentum", "base_momentum"):  # ...and these
-                if key in first:
-                    group[key] = first[key]
+        for key in ("initial_lr", "max_lr", "min_lr"):  # set by schedulers (the last two: OneCycleLR)
+            if key in first:
+                group[key] = first[key] * scale
+        for key in ("max_momentum", "base_momentum"):  # OneCycleLR's momentum cycle
+            if key in first:
+                group[key] = first[key]
         optimizer.add_param_group(group)
         report.groups.append(group["name"])
     report.added = [index.param_names[i] for i in new]
