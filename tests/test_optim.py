@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 import torch.nn as nn
@@ -59,7 +61,7 @@ def test_layer_decay_is_geometric_on_vit():
     vit = timm_model("test_vit")
     lr = lr_of(fk.param_groups(vit, lr=1.0, layer_decay=0.5))
     blocks = [lr[id(b.attn.qkv.weight)] for b in vit.blocks]
-    assert all(b / a == pytest.approx(2.0) for a, b in zip(blocks, blocks[1:]))
+    assert all(b / a == pytest.approx(2.0) for a, b in pairwise(blocks))
     assert lr[id(vit.patch_embed.proj.weight)] == pytest.approx(blocks[0] / 2)
     assert lr[id(vit.head.weight)] == 1.0 and lr[id(vit.cls_token)] == lr[id(vit.patch_embed.proj.weight)]
 
