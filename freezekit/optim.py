@@ -180,13 +180,17 @@ class SyncReport:
 
 
 def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, lr_mult: float = 1.0,
-                   scheduler: Any = None, drop_state: bool = False) -> SyncReport:
+                   scheduler: Any = None, drop_state: bool = False,
+                   rules: list[tuple[Selector | str, dict[str, float]]] | tuple = (),
+                   layer_decay: float | None = None) -> SyncReport:
     """Bring ``optimizer`` in step with what trains in ``model`` now (modifies both in place).
 
-    Newly trainable parameters (by identity: never twice) join as new groups, with weight decay
-    split like :func:`param_groups`, at ``lr_mult`` times the base rate and at the point of the
-    schedule the other groups are at: the first group's rates (``lr``, and a scheduler's
-    ``initial_lr`` / ``max_lr`` / ``min_lr``), times ``lr_mult`` over that group's own ``lr_scale``.
+    Newly trainable parameters (by identity: never twice) join as new groups built like
+    :func:`param_groups` builds them (weight decay split, and the same ``rules`` and
+    ``layer_decay`` if given), at ``lr_mult`` times the base rate, and at the point of the schedule
+    the other groups are at. The base rate and that point are read off the first group: its
+    ``initial_lr`` (set by a scheduler) or ``lr``, over its ``lr_scale`` (set by
+    :func:`param_groups`; 1 otherwise); a scheduler's ``max_lr`` / ``min_lr`` scale alike.
     Frozen parameters lose their ``.grad`` (and, with ``drop_state``, their optimizer state).
     ``scheduler`` (a torch LR scheduler, ``SequentialLR`` and ``ReduceLROnPlateau`` included)
     learns about the new groups.
@@ -206,32 +210,33 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, lr_mult: 
             report.cleared.append(name)
         if drop_state and id(p) in held and optimizer.state.pop(p, None) is not None:
             report.dropped.append(name)
-    new = [i for i, (p, rg) in enumerate(zip(index.params, index.requires_grad.tolist())) if rg and id(p) not in held]
+    new = {id(index.params[i]) for i, rg in enumerate(index.requires_grad.tolist()) if rg}
+    new -= held
     if not new:
         return report
-    # A new group is the first group at lr_mult times the base rate: same point of the schedule,
-    # its rates (lr, and a scheduler's initial / max / min) scaled by lr_mult over the first
-    # group's own scale (param_groups records it; 1 otherwise).
     first = optimizer.param_groups[0]
-    scale = lr_mult / first.get("lr_scale", 1.0)
+    initial = first.get("initial_lr", first["lr"])
+    base = initial / first.get("lr_scale", 1.0)  # the rate before multipliers and schedule
+    progress = first["lr"] / initial if initial else 1.0  # where the schedule is now
     decay = first.get("base_weight_decay", optimizer.defaults.get("weight_decay", 0.0))
-    no_decay = _no_decay_mask(model, index, "auto")
     start = len(optimizer.param_groups)
-    for flag, suffix in ((False, "decay"), (True, "no_decay")):
-        params = [index.params[i] for i in new if bool(no_decay[i]) == flag]
+    for fresh in param_groups(model, lr=base, weight_decay=decay, rules=rules, layer_decay=layer_decay):
+        params = [p for p in fresh["params"] if id(p) in new]
         if not params:
             continue
-        group = {"name": f"sync{start}.{suffix}", "params": params, "lr": first["lr"] * scale, "lr_scale": lr_mult,
-                 "base_weight_decay": decay, "weight_decay": 0.0 if flag else decay}
-        for key in ("initial_lr", "max_lr", "min_lr"):  # set by schedulers (the last two: OneCycleLR)
-            if key in first:
-                group[key] = first[key] * scale
+        rate = fresh["lr"] * lr_mult
+        group = {"name": f"sync{start}.{fresh['name']}", "params": params, "lr": rate * progress,
+                 "lr_scale": rate / base, "base_weight_decay": decay, "weight_decay": fresh["weight_decay"]}
+        if "initial_lr" in first:
+            for key in ("initial_lr", "max_lr", "min_lr"):  # set by schedulers (the last two: OneCycleLR)
+                if key in first:
+                    group[key] = first[key] * rate / initial
         for key in ("max_momentum", "base_momentum"):  # OneCycleLR's momentum cycle
             if key in first:
                 group[key] = first[key]
         optimizer.add_param_group(group)
         report.groups.append(group["name"])
-    report.added = [index.param_names[i] for i in new]
+    report.added = [n for n, p in zip(index.param_names, index.params) if id(p) in new]
     if scheduler is not None:
         _extend_scheduler(scheduler, optimizer, start)
     return report

@@ -114,32 +114,36 @@ class Schedule:
             out.append(i)
         return out
 
-    def replay(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-               scheduler: Any = None) -> list[Event]:
+    def replay(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+               **groups: Any) -> list[Event]:
         """Re-apply the phases a loaded state says were done, onto a freshly built model and optimizer."""
         events = []
         for i in range(self._replay):
-            events.append(self._apply(i, model, optimizer, scheduler, replayed=True))
+            events.append(self._apply(i, model, optimizer, scheduler, groups, replayed=True))
         self._replay = 0
         return events
 
     def update(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, epoch: int | None = None,
-               step: int | None = None, scheduler: Any = None) -> list[Event]:
+               step: int | None = None, scheduler: Any = None, **groups: Any) -> list[Event]:
         """Apply the phases that are due at ``epoch`` / ``step`` (modifies ``model`` and ``optimizer``
-        in place); first replays what a loaded state says was done. Returns what happened."""
+        in place); first replays what a loaded state says was done. Returns what happened.
+
+        ``groups`` (``rules=``, ``layer_decay=``) go to :func:`sync_optimizer`, so that parameters
+        that join later get the rates :func:`param_groups` gave the others.
+        """
         if epoch is None and step is None:
             raise TypeError("Schedule.update(): pass epoch=..., step=... or both")
-        events = self.replay(model, optimizer, scheduler)
+        events = self.replay(model, optimizer, scheduler, **groups)
         for i in self.due(epoch, step):
-            events.append(self._apply(i, model, optimizer, scheduler))
+            events.append(self._apply(i, model, optimizer, scheduler, groups))
             self.completed = i + 1
         return events
 
     def _apply(self, i: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any,
-               replayed: bool = False) -> Event:
+               groups: dict[str, Any], replayed: bool = False) -> Event:
         phase = self.phases[i]
         applied = phase.policy.apply(model)  # for good: the handle is not kept
-        report = sync_optimizer(optimizer, model, lr_mult=phase.lr_mult, scheduler=scheduler) \
+        report = sync_optimizer(optimizer, model, lr_mult=phase.lr_mult, scheduler=scheduler, **groups) \
             if optimizer is not None else SyncReport()
         return Event(i, phase.at, phase.unit, len(applied.changes), report, replayed)
 

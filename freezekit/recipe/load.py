@@ -1,0 +1,230 @@
+"""Reading a recipe: safe YAML that remembers line numbers, ``--set`` overrides, and errors that
+say ``file:line: field: problem`` -- all of them at once, with "did you mean" for unknown keys.
+
+Example:
+    >>> from freezekit.recipe import loads
+    >>> loads("model: {name: timm:test_resnet}\\ntrain: {epochs: 2}").train.epochs
+    2
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ..errors import FreezekitError, closest
+from .schema import Recipe
+
+__all__ = ["Problem", "RecipeError", "apply_overrides", "load", "loads", "locate"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a recipe, where it is."""
+
+    file: str
+    line: int | None  # None: the key is absent, or the value came from --set
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class RecipeError(FreezekitError, ValueError):
+    """A recipe with problems; the message lists every one, ``file:line: field: problem``."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(map(str, problems)))
+
+
+# ------------------------------------------------------------------------------------- YAML, with lines
+
+
+class Lines(dict):
+    """A YAML mapping that remembers the line of each key (1-based) and its own."""
+
+    line: int = 0
+    lines: dict[Any, int]
+
+
+class LinesList(list):
+    """A YAML sequence that remembers the line of each item."""
+
+    line: int = 0
+    lines: list[int]
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` semantics (no Python tags), keeping line numbers, refusing duplicate keys."""
+
+
+def _mapping(loader: _Loader, node: yaml.MappingNode) -> Lines:
+    loader.flatten_mapping(node)
+    out = Lines()
+    out.line, out.lines = node.start_mark.line + 1, {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in out:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+def _sequence(loader: _Loader, node: yaml.SequenceNode) -> LinesList:
+    out = LinesList(loader.construct_object(child, deep=True) for child in node.value)
+    out.line, out.lines = node.start_mark.line + 1, [child.start_mark.line + 1 for child in node.value]
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _sequence)
+
+
+def _parse(text: str, file: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        problem = e.problem or str(e)
+        if isinstance(e, yaml.constructor.ConstructorError) and "python" in str(e):
+            problem = f"{problem} (recipes are plain YAML: Python tags are refused)"
+        raise RecipeError([Problem(file, mark.line + 1 if mark else None, "", f"YAML: {problem}")]) from None
+    except yaml.YAMLError as e:
+        raise RecipeError([Problem(file, None, "", f"YAML: {e}")]) from None
+
+
+# ----------------------------------------------------------------------------------------- locating
+
+
+_PART = re.compile(r"\[(\d+)\]|\.?([^.\[\]]+)")
+
+
+def split_path(path: str) -> list[str | int]:
+    """``"policy[1].freeze"`` -> ``["policy", 1, "freeze"]``."""
+    return [int(index) if index else key for index, key in _PART.findall(path)]
+
+
+def locate(data: Any, path: list[str | int]) -> int | None:
+    """The line of the deepest part of ``path`` found in the YAML data."""
+    line = getattr(data, "line", None)
+    node = data
+    for part in path:
+        found = part in node if isinstance(node, Lines) else \
+            isinstance(node, LinesList) and isinstance(part, int) and 0 <= part < len(node)
+        if not found:
+            break
+        line, node = node.lines[part], node[part]
+    return line
+
+
+def _field_names(model: type[BaseModel], path: list[str | int]) -> list[str]:
+    """The keys allowed where ``path`` points, for "did you mean"."""
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            continue
+        annotation = field.annotation
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            inner = getattr(candidate, "__args__", (candidate,))[0] if getattr(candidate, "__origin__", None) is list \
+                else candidate
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                model = inner
+                break
+    return list(model.model_fields)
+
+
+def _problems(error: ValidationError, data: Any, file: str, overridden: set[str]) -> list[Problem]:
+    out = []
+    for err in error.errors():
+        loc = [p for p in err["loc"] if not isinstance(p, str) or not p.startswith(("function-", "literal["))]
+        field = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
+        line = None if _from_override(field, overridden) else locate(data, loc)
+        if err["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            near = closest(key, _field_names(Recipe, loc[:-1]), n=1)
+            message = f"unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+        elif err["type"] == "missing":
+            message = "required, but missing"
+        else:
+            message = f"{err['msg']} (got {err.get('input')!r})"
+        out.append(Problem(file, line, field, message))
+    return out
+
+
+def _from_override(field: str, overridden: set[str]) -> bool:
+    return any(field == o or field.startswith(o + ".") or field.startswith(o + "[") for o in overridden)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], file: str) -> set[str]:
+    """Apply ``key.path=value`` overrides (values read as YAML) to ``data``; returns the paths set."""
+    done = set()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError([Problem(file, None, "--set", f"expected key.path=value, got {item!r}")])
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise RecipeError([Problem(file, None, f"--set {key}", f"the value is not YAML: {e}")]) from None
+        parts = split_path(key.strip())
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if isinstance(node, dict):
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = [] if isinstance(nxt, int) else {}
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                node = node[part]
+            else:
+                raise RecipeError([Problem(file, None, f"--set {key}", "no such place in the recipe")])
+        last = parts[-1]
+        if isinstance(node, list) and isinstance(last, int) and 0 <= last <= len(node):
+            node[last:last + 1] = [value]
+        elif isinstance(node, dict) and isinstance(last, str):
+            node[last] = value
+        else:
+            raise RecipeError([Problem(file, None, f"--set {key}", "no such place in the recipe")])
+        done.add(key.strip())
+    return done
+
+
+def loads(text: str, file: str = "<recipe>", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Parse and validate a recipe from YAML text. Raises :class:`RecipeError`."""
+    data = _parse(text, file)
+    if data is None:
+        data = Lines()
+    if not isinstance(data, dict):
+        raise RecipeError([Problem(file, getattr(data, "line", 1), "", "a recipe is a mapping of sections "
+                                                                       "(model, data, policy, ...)")])
+    overridden = apply_overrides(data, overrides, file)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_problems(e, data, file, overridden)) from None
+    if recipe.name is None:
+        recipe.name = Path(file).stem if file != "<recipe>" else "recipe"
+    recipe._source = (file, data, overridden)
+    return recipe
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, parse and validate the recipe at ``path``. Raises :class:`RecipeError`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError([Problem(str(path), None, "", f"cannot read the recipe: {e.strerror or e}")]) from None
+    return loads(text, str(path), overrides)

@@ -1,0 +1,79 @@
+"""The recipe schema: every key, its type, its default, and a one-line meaning (pydantic models,
+unknown keys refused). ``policy`` and ``schedule`` keep their plain form here; they are read by
+:meth:`freezekit.Policy.from_config` and :meth:`freezekit.Schedule.from_config`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool
+
+__all__ = ["Data", "Group", "Model", "Optimizer", "Output", "Recipe", "Train"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Model(_Section):
+    name: str = Field(description="timm:NAME, torchvision:NAME, or package.module:factory (see --allow-import)")
+    pretrained: StrictBool = Field(False, description="load the registry's weights; they must be in the local cache")
+    checkpoint: str | None = Field(None, description="a local .safetensors or torch file of weights to start from")
+    num_classes: int | None = Field(None, ge=1, description="classifier outputs; default: the data's classes")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model factory")
+
+
+class Data(_Section):
+    kind: Literal["shapes", "image_folder"] = Field("shapes", description="built-in shapes, or an image folder")
+    path: str | None = Field(None, description="image_folder: PATH/train/CLASS/*.png and PATH/val/CLASS/*.png")
+    image_size: int = Field(64, ge=8, le=1024, description="side of the square images fed to the model")
+    augment: StrictBool = Field(False, description="random crop (4px padding) and horizontal flip for training")
+    train_size: int = Field(1024, ge=1, description="shapes: training images drawn")
+    val_size: int = Field(256, ge=1, description="shapes: validation images drawn")
+    workers: int = Field(0, ge=0, description="image_folder: DataLoader worker processes")
+
+
+class Group(_Section):
+    select: str | list[str] | dict[str, Any] = Field(description="a pattern, list of patterns or selector mapping")
+    lr_mult: float | None = Field(None, gt=0, description="learning rate times this")
+    lr: float | None = Field(None, gt=0, description="or this absolute learning rate")
+    wd_mult: float | None = Field(None, ge=0, description="weight decay times this")
+    weight_decay: float | None = Field(None, ge=0, description="or this absolute weight decay")
+
+
+class Optimizer(_Section):
+    name: Literal["adamw", "adam", "sgd"] = Field("adamw", description="the torch optimizer")
+    lr: float = Field(1e-3, gt=0, description="base learning rate (after warmup)")
+    weight_decay: float = Field(0.05, ge=0, description="off for biases, norms and tokens")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise learning-rate decay (BEiT-style)")
+    groups: list[Group] = Field(default_factory=list, description="per-part rates and decay, last wins")
+    scheduler: Literal["cosine", "constant"] = Field("cosine", description="learning-rate shape per step")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup from 0, in epochs (fractions allowed)")
+
+
+class Train(_Section):
+    epochs: int = Field(5, ge=1, description="passes over the training data")
+    batch_size: int = Field(32, ge=1, description="images per step, per process under torchrun")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU with bf16")
+    cache_features: Literal["auto", True, False] = Field("auto", description="reuse a frozen backbone's features")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="under torchrun: ddp (auto) or fsdp")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this")
+
+
+class Output(_Section):
+    dir: str | None = Field(None, description="where the run is written; default runs/NAME")
+
+
+class Recipe(_Section):
+    name: str | None = Field(None, description="default: the file's stem")
+    seed: int = Field(0, ge=0, description="seeds data, initialization and augmentation")
+    model: Model
+    data: Data = Field(default_factory=Data)
+    policy: list[Any] = Field(default_factory=list, description="rules in order; the last that selects decides")
+    schedule: list[Any] | dict[str, Any] = Field(default_factory=list, description="phases, each applied once")
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    train: Train = Field(default_factory=Train)
+    output: Output = Field(default_factory=Output)
+    _source: Any = PrivateAttr(None)  # (file, YAML data with lines, paths set by --set), for error locations

@@ -1,0 +1,115 @@
+"""Checkpoints: written atomically, read without running code, and random states kept exactly.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over
+the old one, so a crash at any moment leaves the previous checkpoint whole. Everything is read
+with ``torch.load(weights_only=True)``: a file that holds pickled code is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import FreezekitError
+
+__all__ = ["CheckpointError", "load", "load_weights", "random_states", "restore_random_states", "save"]
+
+# Fault injection for tests: seconds to pause between writing the temporary file and renaming it.
+_PAUSE_ENV = "FREEZEKIT_FAULT_CHECKPOINT_PAUSE"
+
+
+class CheckpointError(FreezekitError, ValueError):
+    """A checkpoint or weights file that cannot be used: missing, truncated, foreign, or holding code."""
+
+
+def save(payload: dict[str, Any], path: Path) -> None:
+    """Write ``payload`` to ``path`` atomically (temp file, fsync, rename, fsync of the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.environ.get(_PAUSE_ENV):
+            time.sleep(float(os.environ[_PAUSE_ENV]))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def load(path: Path, what: str = "checkpoint") -> dict[str, Any]:
+    """Read a file written by :func:`save`, refusing pickled code and saying what is wrong."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign, or code: torch says which in its message
+        raise CheckpointError(_unreadable(path, what, e)) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(data).__name__}, not a freezekit checkpoint")
+    return data
+
+
+def _unreadable(path: Path, what: str, error: Exception) -> str:
+    text = str(error)
+    if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+        return (f"{what} {path} holds pickled Python objects, which could run code; refused "
+                f"(weights are loaded with weights_only=True)")
+    return f"{what} {path} cannot be read ({type(error).__name__}: {text.splitlines()[0] if text else 'no detail'}); " \
+           "it may be truncated or not a torch file"
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a torch file (a state dict, or one under ``state_dict`` /
+    ``model``), read without running code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"weights file {path} is not a readable safetensors file ({e})") from None
+    data = load(path, "weights file")
+    for key in ("state_dict", "model"):
+        if isinstance(data.get(key), dict):
+            data = data[key]
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"weights file {path} holds no tensors")
+    return tensors
+
+
+def random_states() -> dict[str, Any]:
+    """The states of Python's, numpy's and torch's random generators (CUDA too), as plain data."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    out: dict[str, Any] = {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+                           "python_gauss": random.getstate()[2], "numpy": torch.from_numpy(keys.copy()),
+                           "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(gauss)],
+                           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    random.setstate((states["python_version"], tuple(states["python"]), states["python_gauss"]))
+    np.random.set_state(("MT19937", states["numpy"].numpy(), states["numpy_pos"], *states["numpy_gauss"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
