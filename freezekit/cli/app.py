@@ -30,9 +30,15 @@ def root(
     eval-lock parts of a model by name, pattern, type or position."""
 
 
-from . import summary as _summary  # noqa: E402  (commands register on the app above)
+from . import check as _check  # noqa: E402  (commands register on the app above)
+from . import recipes as _recipes  # noqa: E402
+from . import run as _run  # noqa: E402
+from . import summary as _summary  # noqa: E402
 
+app.command("run")(_run.command)
+app.command("check")(_check.command)
 app.command("summary")(_summary.command)
+app.command("recipes")(_recipes.command)
 
 
 def main() -> None:

@@ -218,8 +218,8 @@ def check(recipe: Recipe, allow_import: tuple[str, ...] | list[str] = ()) -> Pre
             _, params = resolver.resolve(sel)
             for u in resolver.unmatched[before:]:
                 near = closest(u.pattern, index.module_names + index.param_names)
-            out.add(f"optimizer.groups[{i}].select", f"{u.pattern!r} matched nothing in {index.model_name}; "
-                    f"closest: {', '.join(map(repr, near))}")
+                out.add(f"optimizer.groups[{i}].select", f"{u.pattern!r} matched nothing in {index.model_name}; "
+                        f"closest: {', '.join(map(repr, near))}")
             if len(resolver.unmatched) == before and not params.any():
                 out.add(f"optimizer.groups[{i}].select", "selects no parameter")
         try:

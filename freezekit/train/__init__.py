@@ -1,0 +1,2 @@
+"""The recipe runner: data, checkpoints, feature caching, progress, and the training loop
+(:func:`freezekit.train.run.run`)."""

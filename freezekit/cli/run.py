@@ -1,0 +1,27 @@
+"""``freezekit run RECIPE``: fine-tune as the recipe says; ``--resume`` continues a stopped run."""
+
+from __future__ import annotations
+
+import typer
+
+from ..recipe import load
+from ..train.checkpoint import CheckpointError
+from ..train.run import RunError, run
+from .errors import user_errors
+from .options import ALLOW_IMPORT, SET
+
+
+def command(
+    recipe: str = typer.Argument(..., help="The recipe (YAML) to run."),
+    set_: list[str] = SET,
+    output: str = typer.Option(None, "--output", help="Run directory (default: the recipe's output.dir)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output directory."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print nothing but errors."),
+    allow_import: list[str] = ALLOW_IMPORT,
+) -> None:
+    """Fine-tune: progress bars (plain lines when piped), metrics.jsonl, summary.md, checkpoints."""
+    with user_errors():
+        try:
+            run(load(recipe, set_), output=output, resume=resume, quiet=quiet, allow_import=allow_import)
+        except (RunError, CheckpointError) as e:
+            raise ValueError(str(e)) from None

@@ -1,0 +1,339 @@
+"""The recipe runner: fine-tune a model exactly as a recipe says, and resume it exactly.
+
+It calls the library as a user would -- the recipe's ``policy`` through :class:`~freezekit.Policy`,
+its phases through :class:`~freezekit.Schedule`, the optimizer through
+:func:`~freezekit.param_groups` -- and holds no freezing logic of its own. A run directory gets the
+resolved ``recipe.yaml``, ``metrics.jsonl`` (a JSON object per line), ``summary.md`` (the frozen
+layers of each phase) and ``checkpoints/last.pt`` / ``best.pt``, written atomically and holding
+everything a resumed run needs to end with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from ..errors import DeadRuleWarning, FreezekitError
+from ..models import build
+from ..optim import param_groups
+from ..recipe import Recipe, check
+from ..recipe.check import optimizer_rules
+from ..schedule import Event, Schedule
+from ..state import State, state, state_dict
+from ..summary import summary
+from . import checkpoint as ckpt
+from .data import Split, augment, batches, image_folder, normalize, shapes
+from .features import FeatureCache, why_not_cacheable
+from .progress import Reporter
+
+__all__ = ["RunError", "RunResult", "run"]
+
+
+class RunError(FreezekitError, RuntimeError):
+    """A run that cannot start or go on: its message says why and what to do."""
+
+
+@dataclass
+class RunResult:
+    output: Path
+    epochs: int
+    best_accuracy: float
+    final: dict[str, Any] = field(default_factory=dict)
+
+
+class WarmupThen:
+    """The learning-rate multiplier per step: linear warmup from 0, then cosine to 0 or constant."""
+
+    def __init__(self, warmup: int, total: int, shape: str):
+        self.warmup, self.total, self.shape = warmup, total, shape
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.shape == "constant":
+            return 1.0
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RunError("train.device: cuda was asked for, but no GPU is available")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _data(recipe: Recipe) -> tuple[Split, Split, list[str]]:
+    d = recipe.data
+    if d.kind == "shapes":
+        return shapes(d.image_size, d.train_size, d.val_size, recipe.seed)
+    return image_folder(Path(d.path).expanduser(), d.image_size)
+
+
+def _model(recipe: Recipe, num_classes: int, allow_import: tuple[str, ...], say: Any) -> nn.Module:
+    spec = recipe.model
+    model = build(spec.name, num_classes=num_classes, pretrained=spec.pretrained, allow_import=allow_import,
+                  **spec.kwargs)
+    if spec.checkpoint:
+        weights = ckpt.load_weights(Path(spec.checkpoint).expanduser())
+        own = model.state_dict()
+        fitting = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(k for k in weights if k in own and own[k].shape != weights[k].shape)
+        missing = model.load_state_dict(fitting, strict=False).missing_keys
+        say(f"loaded {len(fitting)} tensors from {spec.checkpoint}" +
+            (f"; kept new {', '.join(skipped)} (shapes differ)" if skipped else "") +
+            (f"; {len(missing)} not in the file" if missing else ""))
+    return model
+
+
+def _optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    o = recipe.optimizer
+    groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, rules=optimizer_rules(recipe),
+                          layer_decay=o.layer_decay)
+    if not groups:
+        raise RunError("nothing is trainable at the start: the recipe's policy freezes every parameter")
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    kind = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return kind(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+class _Run:
+    """One run's state: built from the recipe, or restored from ``checkpoints/last.pt``."""
+
+    def __init__(self, recipe: Recipe, out: Path, allow_import: tuple[str, ...], reporter: Reporter):
+        self.recipe, self.out, self.reporter = recipe, out, reporter
+        prepared = check(recipe, allow_import)  # every problem, before anything is written
+        self.schedule: Schedule = prepared.schedule
+        self.groups = {"rules": optimizer_rules(recipe), "layer_decay": recipe.optimizer.layer_decay}
+        torch.manual_seed(recipe.seed)
+        self.device = _device(recipe.train.device)
+        self.train_set, self.val_set, self.classes = _data(recipe)
+        self.model = _model(recipe, prepared.num_classes, allow_import, reporter.say)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeadRuleWarning)
+            prepared.policy.apply(self.model)
+        self.model.to(self.device)
+        self.optimizer = _optimizer(recipe, self.model)
+        self.steps_per_epoch = len(batches(len(self.train_set), recipe.train.batch_size, recipe.seed, 0))
+        total = recipe.train.epochs * self.steps_per_epoch
+        shape = WarmupThen(round(recipe.optimizer.warmup_epochs * self.steps_per_epoch), total,
+                           recipe.optimizer.scheduler)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, shape)
+        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.autocast = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and bf16)
+        self.epoch, self.step, self.best = 0, 0, -1.0
+        self.cache: FeatureCache | None = None
+
+    # -- checkpoints
+
+    def payload(self) -> dict[str, Any]:
+        return {"format": "freezekit-run", "version": 1, "epoch": self.epoch, "step": self.step, "best": self.best,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "freezekit": state_dict(self.model),
+                "schedule": self.schedule.state_dict(), "random": ckpt.random_states(),
+                "recipe": self.recipe.model_dump(mode="json")}
+
+    def restore(self, path: Path) -> None:
+        saved = ckpt.load(path)
+        if saved.get("format") != "freezekit-run":
+            raise ckpt.CheckpointError(f"checkpoint {path} is not a freezekit run checkpoint")
+        if saved["recipe"] != self.recipe.model_dump(mode="json"):
+            changed = [k for k, v in self.recipe.model_dump(mode="json").items() if saved["recipe"].get(k) != v]
+            raise RunError(f"the recipe changed since {path} was written ({', '.join(changed)}); resume with the "
+                           f"recipe.yaml in {self.out}, or start a new run")
+        self.model.load_state_dict(saved["model"])
+        self.schedule.load_state_dict(saved["schedule"])
+        self.schedule.replay(self.model, self.optimizer, self.scheduler, **self.groups)
+        if state(self.model) != State.from_dict(saved["freezekit"]):
+            raise RunError(f"replaying the schedule did not give the freeze state saved in {path}")
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        ckpt.restore_random_states(saved["random"])
+        self.epoch, self.step, self.best = saved["epoch"] + 1, saved["step"], saved["best"]
+
+    # -- training
+
+    def _cache_state(self) -> None:
+        """Start, keep or drop the feature cache for the model as it is now."""
+        wanted = self.recipe.train.cache_features
+        reason = why_not_cacheable(self.model, self.recipe.data.augment) if wanted is not False else "off"
+        if reason is not None:
+            if wanted is True:
+                raise RunError(f"train.cache_features: true, but the features cannot be cached: {reason}")
+            if self.cache is not None:
+                self.cache.close()
+                self.cache = None
+            return
+        if self.cache is None:
+            self.cache = FeatureCache(self.model, len(self.train_set) + len(self.val_set))
+            self._fill_cache()
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+
+    @torch.no_grad()
+    def _fill_cache(self) -> None:
+        """One pass over both splits in a fixed order, keeping the head's inputs: the same features
+        whether the run is fresh or resumed."""
+        self.model.eval()
+        offset = 0
+        for split in (self.train_set, self.val_set):
+            for idx in batches(len(split), self.recipe.train.batch_size, self.recipe.seed, 0, shuffle=False):
+                with self.cache.capture(idx + offset), self._autocast():
+                    self.model(normalize(split.images[idx].to(self.device)))
+            offset += len(split)
+
+    def _forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch: the head on cached features when there is a cache, else a full pass.
+        ``indices`` count validation samples after the training ones."""
+        with self._autocast():
+            if self.cache is not None:
+                return self.cache.head(self.cache.features(indices))
+            return self.model(normalize(images.to(self.device)))
+
+    def train_epoch(self) -> dict[str, float]:
+        recipe, model = self.recipe, self.model
+        order = batches(len(self.train_set), recipe.train.batch_size, recipe.seed, self.epoch)
+        cached = self.cache is not None
+        self.reporter.start_epoch(self.epoch, recipe.train.epochs, len(order), cached)
+        model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        for i, idx in enumerate(order):
+            events = self.schedule.update(model, self.optimizer, step=self.step, scheduler=self.scheduler,
+                                          **self.groups)
+            if events:
+                self.phase_changed(events)
+            images = self.train_set.images[idx]
+            if recipe.data.augment:
+                images = augment(images, recipe.seed, self.epoch, i)
+            labels = self.train_set.labels[idx].to(self.device)
+            logits = self._forward(images, idx)
+            loss = F.cross_entropy(logits.float(), labels)
+            if not torch.isfinite(loss):
+                raise RunError(f"the loss is {loss.item()} at epoch {self.epoch} step {self.step}; the last good "
+                               f"checkpoint is {self.out / 'checkpoints' / 'last.pt'}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.train.grad_clip:
+                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.train.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            n = len(idx)
+            total_loss += loss.item() * n
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += n
+            self.reporter.step(total_loss / seen, correct / seen)
+        return {"loss": total_loss / seen, "accuracy": correct / seen}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        offset = len(self.train_set)
+        total_loss, correct = 0.0, 0
+        for idx in batches(len(self.val_set), self.recipe.train.batch_size, self.recipe.seed, 0, shuffle=False):
+            labels = self.val_set.labels[idx].to(self.device)
+            logits = self._forward(self.val_set.images[idx], idx + offset)
+            total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct += int((logits.argmax(1) == labels).sum())
+        n = len(self.val_set)
+        return {"loss": total_loss / n, "accuracy": correct / n}
+
+    # -- records
+
+    def record(self, item: dict[str, Any]) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(item) + "\n")
+
+    def phase_changed(self, events: list[Event]) -> None:
+        for event in events:
+            self.reporter.say(str(event))
+            self.record({"epoch": self.epoch, "step": self.step, "event": "phase", "phase": event.phase,
+                         "changes": event.changes, "added": len(event.sync.added)})
+        self.write_summary(f"phase {events[-1].phase} ({events[-1].unit} {events[-1].at})")
+        self._cache_state()
+
+    def write_summary(self, title: str) -> None:
+        table = summary(self.model)
+        with open(self.out / "summary.md", "a") as f:
+            f.write(f"## {title}, from epoch {self.epoch} step {self.step}\n\n{table.to_markdown()}\n\n")
+
+
+def _prepare_output(out: Path, resume: bool) -> Path:
+    last = out / "checkpoints" / "last.pt"
+    if resume and not last.is_file():
+        raise RunError(f"--resume: no checkpoint at {last}; start the run without --resume")
+    if not resume and (last.exists() or (out / "metrics.jsonl").exists()):
+        raise RunError(f"{out} already holds a run; resume it with --resume, or choose another --output")
+    return last
+
+
+def _trim_metrics(out: Path, epoch: int) -> None:
+    """Drop what a killed run recorded after its last checkpoint (it will be recorded again)."""
+    path = out / "metrics.jsonl"
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("epoch", 0) < epoch]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, quiet: bool = False,
+        allow_import: tuple[str, ...] | list[str] = ()) -> RunResult:
+    """Fine-tune as ``recipe`` says; with ``resume``, continue the run in ``output`` where it stopped.
+
+    Raises:
+        RecipeError: the recipe does not fit its data or model (nothing is written).
+        RunError, CheckpointError: the run cannot start or go on.
+    """
+    out = Path(output or recipe.output.dir or Path("runs") / recipe.name)
+    reporter = Reporter(quiet)
+    last = _prepare_output(out, resume)
+    r = _Run(recipe, out, tuple(allow_import), reporter)
+    if resume:
+        r.restore(last)
+        _trim_metrics(out, r.epoch)
+        reporter.say(f"resuming {recipe.name} at epoch {r.epoch + 1}/{recipe.train.epochs} from {last}")
+    else:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        r.write_summary("start")
+    r._cache_state()
+    final: dict[str, Any] = {}
+    while r.epoch < recipe.train.epochs:
+        events = r.schedule.update(r.model, r.optimizer, epoch=r.epoch, step=r.step, scheduler=r.scheduler, **r.groups)
+        if events:
+            r.phase_changed(events)
+        start = time.perf_counter()
+        train = r.train_epoch()
+        val = r.evaluate()
+        seconds = time.perf_counter() - start
+        lr = r.optimizer.param_groups[0]["lr"]
+        cached = r.cache is not None
+        for split, values in (("train", train), ("val", val)):
+            r.record({"epoch": r.epoch, "split": split, **values, "step": r.step, "lr": lr, "seconds": seconds,
+                      "cached_features": cached})
+        reporter.end_epoch(f"epoch {r.epoch + 1}/{recipe.train.epochs}: train loss {train['loss']:.4f} "
+                           f"acc {train['accuracy']:.1%} | val loss {val['loss']:.4f} acc {val['accuracy']:.1%} "
+                           f"| {seconds:.1f}s" + (" (cached features)" if cached else ""))
+        improved = val["accuracy"] > r.best
+        r.best = max(r.best, val["accuracy"])
+        payload = r.payload()
+        ckpt.save(payload, out / "checkpoints" / "last.pt")
+        if improved:
+            ckpt.save(payload, out / "checkpoints" / "best.pt")
+        final = {"train": train, "val": val}
+        r.epoch += 1
+    if r.cache is not None:
+        r.cache.close()
+    reporter.say(f"done: best val accuracy {r.best:.1%}; {out}")
+    return RunResult(out, recipe.train.epochs, r.best, final)
