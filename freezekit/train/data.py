@@ -10,7 +10,7 @@ Example:
     >>> from freezekit.train.data import shapes
     >>> train, val, classes = shapes(image_size=32, train_size=8, val_size=4, seed=0)
     >>> classes, tuple(train.images.shape), train.labels.tolist()[:4]
-    (['circle', 'square', 'triangle'], (8, 3, 32, 32), [2, 0, 1, 0])
+    (['circle', 'square', 'triangle'], (8, 3, 32, 32), [2, 1, 1, 0])
 """
 
 from __future__ import annotations
