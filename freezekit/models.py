@@ -50,20 +50,20 @@ def _registry(source: str) -> list[str]:
     return torchvision.models.list_models()
 
 
-def _factory(source: str, name: str, allow_import: Iterable[str]) -> Any:
+def _factory(spec: str, source: str, name: str, allow_import: Iterable[str]) -> Any:
     allowed = IMPORTABLE | set(allow_import)
     package = source.partition(".")[0]
     if package not in allowed:
-        raise UnknownModelError(f"model {source}:{name}: importing {package!r} is not allowed; pass "
+        raise UnknownModelError(f"model {spec!r}: importing {package!r} is not allowed; pass "
                                 f"--allow-import {package} (allow_import=[{package!r}]) if you trust it")
     try:
         module = importlib.import_module(source)
     except ImportError as e:
-        raise UnknownModelError(f"model {source}:{name}: cannot import {source!r} ({e})") from None
+        raise UnknownModelError(f"model {spec!r}: cannot import {source!r} ({e})") from None
     factory = getattr(module, name, None)
     if not callable(factory):
         near = closest(name, [n for n in dir(module) if not n.startswith("_")])
-        raise UnknownModelError(f"model {source}:{name}: {source} has no callable {name!r}"
+        raise UnknownModelError(f"model {spec!r}: {source} has no callable {name!r}"
                                 + (f"; did you mean {near[0]!r}?" if near else ""))
     return factory
 
@@ -95,7 +95,7 @@ def build(spec: str, *, num_classes: int | None = None, pretrained: bool = False
 
             weights = "DEFAULT" if pretrained else None
             return _offline(lambda: torchvision.models.get_model(name, weights=weights, **kwargs), spec, pretrained)
-        model = _factory(source, name, allow_import)(**kwargs)
+        model = _factory(spec, source, name, allow_import)(**kwargs)
     if not isinstance(model, nn.Module):
         raise UnknownModelError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
     return model

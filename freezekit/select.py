@@ -581,8 +581,17 @@ def from_config(value: Any, where_: str = "selector") -> Selector:
     (``{regex: ...}``, ``{types: [...]}``, ``{norms: true}``, ``{first: {of: blocks, n: 6}}``, ...).
 
     Raises:
-        ConfigError: naming ``where_`` and the bad value.
+        ConfigError, PatternError: naming ``where_`` and the bad value.
     """
+    try:
+        return _from_config(value, where_)
+    except PatternError as e:
+        if str(e).startswith(where_):
+            raise
+        raise PatternError(f"{where_}: {e}") from None
+
+
+def _from_config(value: Any, where_: str) -> Selector:
     if isinstance(value, str):
         return as_selector(value)
     if not isinstance(value, dict) or len(value) != 1:
@@ -626,7 +635,7 @@ def from_config(value: Any, where_: str = "selector") -> Selector:
             raise ConfigError(f"{here}: expected a list of two selectors [KEEP, REMOVE], got {arg!r}")
         return Difference(from_config(arg[0], f"{here}[0]"), from_config(arg[1], f"{here}[1]"))
     if key == "complement":
-        return Complement(from_config(arg, here))
+        return Complement(_from_config(arg, here))
     hint = closest(str(key), SELECTOR_KEYS, n=1)
     raise ConfigError(f"{where_}: unknown selector {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
                       + f" (expected one of {', '.join(SELECTOR_KEYS)})")

@@ -169,11 +169,11 @@ def plan_phases(recipe: Recipe, model: nn.Module, policy: Policy, schedule: Sche
         table = summary(model, policy=stage)
         stage.apply(model)
         if optimizer is None:
-            optimizer = torch.optim.SGD(param_groups(model, lr=opt.lr, weight_decay=opt.weight_decay, **groups),
-                                        lr=opt.lr)
+            start_groups = param_groups(model, lr=opt.lr, weight_decay=opt.weight_decay, **groups)
+            optimizer = torch.optim.SGD(start_groups, lr=opt.lr) if start_groups else None
         else:
             sync_optimizer(optimizer, model, lr_mult=lr_mult, **groups)
-        phases.append(PhasePlan(label, plan, table, _groups(optimizer)))
+        phases.append(PhasePlan(label, plan, table, _groups(optimizer) if optimizer is not None else []))
     if problems:
         raise NoMatchError(problems)
     return phases

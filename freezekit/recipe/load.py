@@ -95,6 +95,8 @@ def _parse(text: str, file: str) -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         problem = e.problem or str(e)
+        if e.context and e.context_mark and e.problem_mark and e.context_mark.line != e.problem_mark.line:
+            problem += f" ({e.context} from line {e.context_mark.line + 1})"
         if isinstance(e, yaml.constructor.ConstructorError) and "python" in str(e):
             problem = f"{problem} (recipes are plain YAML: Python tags are refused)"
         raise RecipeError([Problem(file, mark.line + 1 if mark else None, "", f"YAML: {problem}")]) from None

@@ -65,11 +65,11 @@ def load(path: Path, what: str = "checkpoint") -> dict[str, Any]:
 
 def _unreadable(path: Path, what: str, error: Exception) -> str:
     text = str(error)
-    if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+    if "GLOBAL" in text or "Unsupported global" in text:  # torch's weights-only unpickler met an object
         return (f"{what} {path} holds pickled Python objects, which could run code; refused "
                 f"(weights are loaded with weights_only=True)")
-    return f"{what} {path} cannot be read ({type(error).__name__}: {text.splitlines()[0] if text else 'no detail'}); " \
-           "it may be truncated or not a torch file"
+    detail = "not a torch file" if "Weights only load failed" in text else text.splitlines()[0] if text else "?"
+    return f"{what} {path} cannot be read ({detail}); it may be truncated or not a torch file"
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,177 @@
+"""freezekit run: trains, records, checkpoints atomically, and resumes to the same bits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import freezekit as fk
+from freezekit.cli import app
+from freezekit.recipe import load, loads
+from freezekit.train.checkpoint import CheckpointError
+from freezekit.train.checkpoint import load as load_checkpoint
+from freezekit.train.run import RunError, run
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+SMALL = """
+name: small
+seed: 3
+model: {name: "timm:test_resnet"}
+data: {image_size: 32, train_size: 192, val_size: 64, augment: true}
+policy:
+  - freeze: "*"
+  - unfreeze: [layer4, fc]
+schedule:
+  - at: 1
+    policy: [{unfreeze: layer3}]
+    lr_mult: 0.5
+optimizer: {lr: 3.0e-3, warmup_epochs: 0.5}
+train: {epochs: 3, batch_size: 32}
+"""
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(out / "checkpoints" / "last.pt")["model"]
+
+
+def test_quickstart_trains_clearly_above_chance(tmp_path):
+    result = runner.invoke(app, ["run", str(ROOT / "recipes" / "quickstart.yaml"), "--output", str(tmp_path / "q"),
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    final = [r for r in records(tmp_path / "q") if r.get("split") == "val"][-1]
+    assert final["epoch"] == 5 and final["accuracy"] > 0.75  # three classes: chance is a third
+
+
+def test_run_directory_holds_everything(tmp_path):
+    out = tmp_path / "run"
+    result = run(loads(SMALL, "small.yaml"), output=out, quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "recipe.yaml", "summary.md"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    again = load(out / "recipe.yaml")
+    assert again.model_dump() == loads(SMALL, "small.yaml").model_dump() | {"name": "small"}
+    lines = records(out)
+    assert [(r["epoch"], r["split"]) for r in lines if "split" in r] == \
+        [(e, s) for e in range(3) for s in ("train", "val")]
+    assert [r["phase"] for r in lines if r.get("event") == "phase"] == [0]
+    assert all({"loss", "accuracy", "lr", "step"} <= set(r) for r in lines if "split" in r)
+    text = (out / "summary.md").read_text()
+    assert "## start, from epoch 0" in text and "## phase 0 (epoch 1), from epoch 1" in text
+    saved = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert saved["epoch"] == 2 and saved["schedule"]["completed"] == 1
+    assert fk.State.from_dict(saved["freezekit"]).parameters["layer3.0.conv1.weight"] == "trainable"
+    assert result.best_accuracy == max(r["accuracy"] for r in lines if r.get("split") == "val")
+
+
+def launch(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    (out.parent / "small.yaml").write_text(SMALL)
+    return subprocess.Popen([sys.executable, "-m", "freezekit", "run", str(out.parent / "small.yaml"), "--output",
+                             str(out), "--quiet", *extra], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended first: {process.communicate()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def epoch_of(path: Path) -> int:
+    try:
+        return load_checkpoint(path)["epoch"]
+    except CheckpointError:
+        return -1
+
+
+def test_killed_after_an_epoch_resumes_to_identical_weights(tmp_path):
+    straight = tmp_path / "straight"
+    run(loads(SMALL, "small.yaml"), output=straight, quiet=True)
+
+    killed = tmp_path / "killed"
+    # a pause before each checkpoint rename gives the test a moment to kill right after epoch 1's
+    process = launch(killed, env={"FREEZEKIT_FAULT_CHECKPOINT_PAUSE": "0.5"})
+    wait_for(lambda: epoch_of(killed / "checkpoints" / "last.pt") == 0, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result = runner.invoke(app, ["run", str(tmp_path / "small.yaml"), "--output", str(killed), "--resume", "--quiet"])
+    assert result.exit_code == 0, result.output
+    a, b = weights(straight), weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in records(straight)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in records(killed)]
+
+
+def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    process = launch(out, env={"FREEZEKIT_FAULT_CHECKPOINT_PAUSE": "3"})
+    last = out / "checkpoints" / "last.pt"
+    wait_for(lambda: epoch_of(last) == 0, process)  # epoch 0 is written...
+    wait_for(lambda: any(p.name.startswith(".last.pt.tmp") for p in last.parent.iterdir()), process)  # ...1 is being
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert epoch_of(last) == 0  # whole, and the one before
+    result = runner.invoke(app, ["run", str(tmp_path / "small.yaml"), "--output", str(out), "--resume", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert epoch_of(last) == 2
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_cache_setting_is_honoured(cache, tmp_path):
+    probe = SMALL.replace("unfreeze: [layer4, fc]", "unfreeze: fc").replace("augment: true", "augment: false")
+    probe = probe.split("schedule:")[0] + "train: {epochs: 2, batch_size: 32}\n"
+    run(loads(probe, overrides=[f"train.cache_features={cache}"]), output=tmp_path / "r", quiet=True)
+    assert all(r["cached_features"] == (cache == "true") for r in records(tmp_path / "r") if "split" in r)
+
+
+def test_cache_and_no_cache_reach_the_same_accuracy(tmp_path):
+    probe = SMALL.replace("unfreeze: [layer4, fc]", "unfreeze: fc").replace("augment: true", "augment: false")
+    probe = probe.split("schedule:")[0] + "train: {epochs: 4, batch_size: 32}\n"
+    finals = {}
+    for cache in ("true", "false"):
+        run(loads(probe, overrides=[f"train.cache_features={cache}"]), output=tmp_path / cache, quiet=True)
+        finals[cache] = [r for r in records(tmp_path / cache) if r.get("split") == "val"][-1]
+    assert finals["true"]["accuracy"] == finals["false"]["accuracy"]
+    assert finals["true"]["loss"] == pytest.approx(finals["false"]["loss"], rel=1e-4)
+    with pytest.raises(RunError, match="cache_features: true, but the features cannot be cached: augmentation"):
+        run(loads(probe, overrides=["train.cache_features=true", "data.augment=true"]), output=tmp_path / "x",
+            quiet=True)
+
+
+def test_runs_refuse_to_overwrite_and_resume_needs_a_checkpoint(tmp_path):
+    out = tmp_path / "r"
+    recipe = loads(SMALL.replace("epochs: 3", "epochs: 1"), "small.yaml")
+    run(recipe, output=out, quiet=True)
+    with pytest.raises(RunError, match="already holds a run; resume it with --resume"):
+        run(recipe, output=out, quiet=True)
+    with pytest.raises(RunError, match="--resume: no checkpoint"):
+        run(recipe, output=tmp_path / "empty", resume=True, quiet=True)
+    with pytest.raises(RunError, match=r"the recipe changed since .* \(optimizer\)"):
+        run(loads(SMALL.replace("epochs: 3", "epochs: 1").replace("3.0e-3", "1.0e-3"), "small.yaml"), output=out,
+            resume=True, quiet=True)
+
+
+def test_a_foreign_checkpoint_is_refused(tmp_path):
+    out = tmp_path / "r"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.pt").write_bytes(b"not a torch file at all")
+    result = runner.invoke(app, ["run", str(ROOT / "recipes" / "quickstart.yaml"), "--output", str(out), "--resume"])
+    assert result.exit_code == 1 and "cannot be read" in result.output and "Traceback" not in result.output
