@@ -1,7 +1,8 @@
 """Building models by name: ``timm:NAME``, ``torchvision:NAME`` or ``package.module:factory``.
 
-Nothing is downloaded unless ``pretrained=True`` is asked for, and even then only from the local
-cache (offline, it fails saying so). A factory outside torch, torchvision, timm and freezekit is
+Nothing is downloaded: ``pretrained=True`` reads the weights from the local cache of timm (the
+Hugging Face hub cache) or torchvision (``torch.hub``), and fails at once, saying so, if they are
+not there. A factory outside torch, torchvision, timm and freezekit is
 imported only when its package is allowed (``allow_import``): a name in a recipe must not run code.
 
 Example:
@@ -13,8 +14,9 @@ Example:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Any
 
 import torch
@@ -101,13 +103,47 @@ def build(spec: str, *, num_classes: int | None = None, pretrained: bool = False
     return model
 
 
-def _offline(make: Any, spec: str, pretrained: bool) -> nn.Module:
+class _NotCached(Exception):
+    pass
+
+
+@contextmanager
+def _cache_only() -> Iterator[None]:
+    """Let timm and torchvision read weights from the local caches only: a download raises at once
+    (rather than waiting on a network that may not be there)."""
+    import torch.hub
+
+    def refuse(url: str, *args: Any, **kwargs: Any) -> None:
+        raise _NotCached(url)
+
+    patches = [(torch.hub, "download_url_to_file", refuse)]
     try:
+        import timm.models._hub as timm_hub
+
+        original = timm_hub.hf_hub_download
+        patches.append((timm_hub, "hf_hub_download", partial(original, local_files_only=True)))
+    except (ImportError, AttributeError):
+        pass
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def _offline(make: Any, spec: str, pretrained: bool) -> nn.Module:
+    if not pretrained:
         return make()
-    except Exception as e:  # a download that cannot happen: say so, without the network traceback
-        if pretrained and any(word in f"{type(e).__name__} {e}".lower() for word in
-                              ("connect", "resolve", "offline", "urlopen", "network", "http", "hub", "download")):
-            raise UnknownModelError(f"model {spec!r}: pretrained weights are not in the local cache and cannot be "
-                                    f"downloaded here ({type(e).__name__}); put them in the cache or use "
-                                    f"pretrained: false") from None
+    try:
+        with _cache_only():
+            return make()
+    except Exception as e:  # _NotCached, or huggingface_hub's LocalEntryNotFoundError and kin
+        if isinstance(e, _NotCached) or "local" in type(e).__name__.lower() or "offline" in str(e).lower() \
+                or "cache" in str(e).lower():
+            raise UnknownModelError(f"model {spec!r}: pretrained weights are not in the local cache, and freezekit "
+                                    f"does not download them; put them in the cache (timm: the Hugging Face hub "
+                                    f"cache; torchvision: torch.hub.get_dir()) or use pretrained: false") from None
         raise

@@ -123,3 +123,14 @@ def test_a_real_process_reports_without_traceback(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "bad.yaml:4: train.epocs: unknown key 'epocs'; did you mean 'epochs'?" in result.stderr
+
+
+def test_pretrained_offline_says_the_weights_are_not_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch"))
+    (tmp_path / "r.yaml").write_text("model:\n  name: timm:resnet18\n  pretrained: true\ntrain: {epochs: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["run", "r.yaml", "--output", "out"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "pretrained weights are not in the local cache" in result.output

@@ -138,3 +138,14 @@ def test_cli_summary_in_a_real_process_prints_plain_text_when_piped():
     bad = subprocess.run([sys.executable, "-m", "freezekit", "summary", "timm:resnet5O"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 1 and "did you mean" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_summary_of_a_recipe_previews_its_policy():
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "linear_probe.yaml"
+    result = runner.invoke(app, ["summary", "--recipe", str(recipe), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    totals = json.loads(result.stdout)["totals"]
+    assert 0 < totals["trainable"] < totals["total"] and totals["frozen"] > 0
+    assert runner.invoke(app, ["summary"]).exit_code == 1

@@ -10,9 +10,11 @@ from rich.table import Table
 
 from ..models import build
 from ..policy import Policy
+from ..recipe import check, load
 from ..rules import detach, freeze, unfreeze
 from ..summary import Summary, summary
 from .errors import user_errors
+from .options import ALLOW_IMPORT
 
 COLOURS = {"trainable": "green", "frozen": "blue", "partial": "yellow", "detached": "magenta", "-": "dim"}
 
@@ -24,22 +26,29 @@ class Format(str, Enum):
 
 
 def command(
-    model: str = typer.Argument(..., help="timm:NAME or torchvision:NAME, built on the meta device (no weights)."),
+    model: str = typer.Argument(None, help="timm:NAME or torchvision:NAME, built on the meta device (no weights)."),
+    recipe: str = typer.Option(None, "--recipe", help="Use this recipe's model, and preview its policy."),
     freeze_: list[str] = typer.Option([], "--freeze", help="Freeze what this pattern selects (repeatable)."),
     unfreeze_: list[str] = typer.Option([], "--unfreeze", help="Then unfreeze what this selects (repeatable)."),
     detach_: list[str] = typer.Option([], "--detach", help="Then put a boundary at its output (repeatable)."),
     depth: int = typer.Option(None, "--depth", min=1, help="Row depth (default: the deepest that fits ~40 rows)."),
     fmt: Format = typer.Option(Format.table, "--format", help="table, markdown or json."),
+    allow_import: list[str] = ALLOW_IMPORT,
 ) -> None:
-    """Show what trains and what is frozen in MODEL, as the --freeze/--unfreeze/--detach patterns would
-    leave it (applied in that order; "re:" for a regex). Instant: no weights, no forward pass."""
+    """Show what trains and what is frozen in MODEL (or a recipe's model, as its policy leaves it),
+    then as the --freeze/--unfreeze/--detach patterns would leave it (applied in that order; "re:"
+    for a regex). Instant: no weights, no forward pass."""
     with user_errors():
-        try:
-            net = build(model, device="meta")
-        except NotImplementedError:  # some models compute their layout from tensor values
-            typer.echo(f"note: {model} does not build on the meta device; building it on the CPU", err=True)
-            net = build(model, device="cpu")
+        if (model is None) == (recipe is None):
+            raise ValueError("give a MODEL (timm:NAME or torchvision:NAME) or --recipe RECIPE, not both")
         rules = [r(*p) for r, p in ((freeze, freeze_), (unfreeze, unfreeze_), (detach, detach_)) if p]
+        if recipe is not None:
+            loaded = load(recipe)
+            prepared = check(loaded, allow_import)
+            net = _build(loaded.model.name, allow_import, num_classes=prepared.num_classes, **loaded.model.kwargs)
+            rules = [*prepared.policy.rules, *rules]
+        else:
+            net = _build(model, allow_import)
         result = summary(net, depth=depth, policy=Policy(*rules) if rules else None)
     if fmt is Format.json:
         typer.echo(result.to_json())
@@ -47,6 +56,14 @@ def command(
         typer.echo(result.to_markdown())
     else:
         _print_table(result)
+
+
+def _build(name: str, allow_import: list[str], **kwargs: object) -> object:
+    try:
+        return build(name, device="meta", allow_import=allow_import, **kwargs)
+    except NotImplementedError:  # some models compute their layout from tensor values
+        typer.echo(f"note: {name} does not build on the meta device; building it on the CPU", err=True)
+        return build(name, device="cpu", allow_import=allow_import, **kwargs)
 
 
 def _print_table(result: Summary) -> None:

@@ -30,7 +30,6 @@ class Data(_Section):
     augment: StrictBool = Field(False, description="random crop (4px padding) and horizontal flip for training")
     train_size: int = Field(1024, ge=1, description="shapes: training images drawn")
     val_size: int = Field(256, ge=1, description="shapes: validation images drawn")
-    workers: int = Field(0, ge=0, description="image_folder: DataLoader worker processes")
 
 
 class Group(_Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 
 from ..errors import FreezekitError
 
-__all__ = ["CheckpointError", "load", "load_weights", "random_states", "restore_random_states", "save"]
+__all__ = ["CheckpointError", "copy", "load", "load_weights", "random_states", "restore_random_states", "save"]
 
 # Fault injection for tests: seconds to pause between writing the temporary file and renaming it.
 _PAUSE_ENV = "FREEZEKIT_FAULT_CHECKPOINT_PAUSE"
@@ -30,11 +31,21 @@ class CheckpointError(FreezekitError, ValueError):
 
 def save(payload: dict[str, Any], path: Path) -> None:
     """Write ``payload`` to ``path`` atomically (temp file, fsync, rename, fsync of the folder)."""
+    _atomic(path, lambda f: torch.save(payload, f))
+
+
+def copy(source: Path, path: Path) -> None:
+    """Copy the file ``source`` to ``path`` atomically."""
+    with open(source, "rb") as src:
+        _atomic(path, lambda f: shutil.copyfileobj(src, f))
+
+
+def _atomic(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if os.environ.get(_PAUSE_ENV):

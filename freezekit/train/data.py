@@ -53,9 +53,11 @@ def _draw(n: int, size: int, generator: torch.Generator) -> Split:
     circle = (ys - cy) ** 2 + (xs - cx) ** 2 <= radius**2
     square = ((ys - cy).abs() <= radius * 0.85) & ((xs - cx).abs() <= radius * 0.85)
     triangle = (ys >= cy - radius) & (ys <= cy + radius) & ((xs - cx).abs() <= (ys - (cy - radius)) / 2)
-    mask = torch.where(labels.view(n, 1, 1) == 0, circle, torch.where(labels.view(n, 1, 1) == 1, square, triangle))
-    images = torch.where(mask[:, None], colour, background) + torch.randn(n, 3, size, size, generator=generator) * 0.08
-    return Split((images.clamp(0, 1) * 255).round().to(torch.uint8), labels)
+    which = labels.view(n, 1, 1)
+    mask = (circle & (which == 0)) | (square & (which == 1)) | (triangle & (which == 2))
+    noise = torch.rand(n, 3, size, size, generator=generator).sub_(0.5).mul_(0.28)  # uniform: cheaper than normal
+    images = noise.add_(background).add_(mask[:, None] * (colour - background))
+    return Split(images.clamp_(0, 1).mul_(255).round_().to(torch.uint8), labels)
 
 
 def shapes(image_size: int, train_size: int, val_size: int, seed: int) -> tuple[Split, Split, list[str]]:

@@ -327,10 +327,9 @@ def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, 
                            f"| {seconds:.1f}s" + (" (cached features)" if cached else ""))
         improved = val["accuracy"] > r.best
         r.best = max(r.best, val["accuracy"])
-        payload = r.payload()
-        ckpt.save(payload, out / "checkpoints" / "last.pt")
+        ckpt.save(r.payload(), out / "checkpoints" / "last.pt")
         if improved:
-            ckpt.save(payload, out / "checkpoints" / "best.pt")
+            ckpt.copy(out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt")
         final = {"train": train, "val": val}
         r.epoch += 1
     if r.cache is not None:
