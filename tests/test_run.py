@@ -175,3 +175,32 @@ def test_a_foreign_checkpoint_is_refused(tmp_path):
     (out / "checkpoints" / "last.pt").write_bytes(b"not a torch file at all")
     result = runner.invoke(app, ["run", str(ROOT / "recipes" / "quickstart.yaml"), "--output", str(out), "--resume"])
     assert result.exit_code == 1 and "cannot be read" in result.output and "Traceback" not in result.output
+
+
+def test_image_folder_data_and_a_local_checkpoint(tmp_path):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from freezekit.train.data import shapes
+
+    train, val, classes = shapes(image_size=24, train_size=24, val_size=12, seed=1)
+    for split_name, split in (("train", train), ("val", val)):
+        for i, (image, label) in enumerate(zip(split.images, split.labels.tolist())):
+            folder = tmp_path / "data" / split_name / classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    import timm
+
+    source = timm.create_model("test_resnet", pretrained=False, num_classes=7)  # another head: not loaded
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "start.safetensors")
+    recipe = loads(f"""
+model: {{name: "timm:test_resnet", checkpoint: "{tmp_path / 'start.safetensors'}"}}
+data: {{kind: image_folder, path: "{tmp_path / 'data'}", image_size: 32}}
+policy: [{{freeze: "*"}}, {{unfreeze: fc}}]
+train: {{epochs: 1, batch_size: 8}}
+""", "folder.yaml")
+    result = run(recipe, output=tmp_path / "out", quiet=True)
+    assert result.epochs == 1
+    saved = weights(tmp_path / "out")
+    assert torch.equal(saved["layer1.0.conv1.weight"], source.state_dict()["layer1.0.conv1.weight"])
+    assert saved["fc.weight"].shape[0] == 3  # the data's classes, not the checkpoint's seven
