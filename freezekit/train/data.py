@@ -97,17 +97,15 @@ def image_folder(path: str | Path, image_size: int) -> tuple[Split, Split, list[
 
 def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True, rank: int = 0,
             world: int = 1) -> list[torch.Tensor]:
-    """Index batches of one epoch: a permutation drawn from (seed, epoch), split into batches, each
-    batch split between ``world`` processes (rank ``rank`` gets its slice)."""
+    """Index batches of one epoch: a permutation drawn from (seed, epoch), cut into batches. With
+    ``world`` processes, rank ``rank`` takes every ``world``-th index, the permutation padded with
+    its own start (as ``DistributedSampler`` does) so that every rank makes as many steps."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)) if shuffle \
         else torch.arange(n)
-    out = []
-    for start in range(0, n, batch_size * world):
-        chunk = order[start: start + batch_size * world]
-        mine = chunk[rank * math.ceil(len(chunk) / world): (rank + 1) * math.ceil(len(chunk) / world)]
-        if len(mine):
-            out.append(mine)
-    return out
+    if world > 1:
+        total = math.ceil(n / world) * world
+        order = torch.cat([order, order[: total - n]])[rank::world]
+    return list(order.split(batch_size))
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

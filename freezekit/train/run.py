@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -34,6 +35,16 @@ from ..state import State, state, state_dict
 from ..summary import summary
 from . import checkpoint as ckpt
 from .data import Split, augment, batches, image_folder, normalize, shapes
+from .distributed import (
+    barrier,
+    check_in_sync,
+    full_state,
+    load_full_state,
+    reduce_sums,
+    shard,
+    world,
+    wrap_ddp,
+)
 from .features import FeatureCache, why_not_cacheable
 from .progress import Reporter
 
@@ -67,10 +78,10 @@ class WarmupThen:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _device(choice: str) -> torch.device:
+def _device_type(choice: str) -> str:
     if choice == "cuda" and not torch.cuda.is_available():
         raise RunError("train.device: cuda was asked for, but no GPU is available")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+    return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def _data(recipe: Recipe) -> tuple[Split, Split, list[str]]:
@@ -116,16 +127,24 @@ class _Run:
         prepared = check(recipe, allow_import)  # every problem, before anything is written
         self.schedule: Schedule = prepared.schedule
         self.groups = {"rules": optimizer_rules(recipe), "layer_decay": recipe.optimizer.layer_decay}
+        device_type = _device_type(recipe.train.device)
+        self.world = world(device_type)
+        self.device = torch.device(device_type, self.world.local_rank) if device_type == "cuda" else torch.device("cpu")
+        strategy = recipe.train.strategy
+        self.strategy = "single" if not self.world.distributed else ("fsdp" if strategy == "fsdp" else "ddp")
+        if strategy == "fsdp" and not self.world.distributed:
+            reporter.say("note: train.strategy fsdp shards across processes; run under torchrun to use it")
         torch.manual_seed(recipe.seed)
-        self.device = _device(recipe.train.device)
         self.train_set, self.val_set, self.classes = _data(recipe)
         self.model = _model(recipe, prepared.num_classes, allow_import, reporter.say)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeadRuleWarning)
             prepared.policy.apply(self.model)
         self.model.to(self.device)
+        if self.strategy == "fsdp":
+            shard(self.model)  # before the optimizer: sharding makes new parameter objects
         self.optimizer = _optimizer(recipe, self.model)
-        self.steps_per_epoch = len(batches(len(self.train_set), recipe.train.batch_size, recipe.seed, 0))
+        self.steps_per_epoch = len(self.batches(0))
         total = recipe.train.epochs * self.steps_per_epoch
         shape = WarmupThen(round(recipe.optimizer.warmup_epochs * self.steps_per_epoch), total,
                            recipe.optimizer.scheduler)
@@ -134,14 +153,38 @@ class _Run:
         self.autocast = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and bf16)
         self.epoch, self.step, self.best = 0, 0, -1.0
         self.cache: FeatureCache | None = None
+        self.engine: nn.Module = self.model  # what the training forward calls: the model, or its DDP wrapper
+
+    def batches(self, epoch: int) -> list[torch.Tensor]:
+        """This rank's training batches of ``epoch`` (each ``batch_size``: per process under torchrun)."""
+        return batches(len(self.train_set), self.recipe.train.batch_size, self.recipe.seed, epoch,
+                       rank=self.world.rank, world=self.world.size)
+
+    def wrap(self) -> None:
+        """(Re)build the DDP wrapper for what trains now: a wrapper built earlier would never
+        all-reduce parameters unfrozen since."""
+        if self.strategy == "ddp":
+            self.engine = wrap_ddp(self.model, self.device, previous=self.engine if self.engine is not self.model
+                                   else None)
+
+    def verify_in_sync(self, why: str) -> None:
+        if not self.world.distributed:
+            return
+        first = check_in_sync(self.world, self.model)
+        self.record({"epoch": self.epoch, "step": self.step, "event": "sync_check", "after": why,
+                     "ranks_in_sync": first is None, "world_size": self.world.size})
+        if first is not None:
+            raise RunError(f"ranks out of sync after {why}: {first} differs between ranks")
 
     # -- checkpoints
 
     def payload(self) -> dict[str, Any]:
+        model_state, optimizer_state = full_state(self.model, self.optimizer, self.strategy == "fsdp")
         return {"format": "freezekit-run", "version": 1, "epoch": self.epoch, "step": self.step, "best": self.best,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "model": model_state, "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(), "freezekit": state_dict(self.model),
                 "schedule": self.schedule.state_dict(), "random": ckpt.random_states(),
+                "world_size": self.world.size, "strategy": self.strategy,
                 "recipe": self.recipe.model_dump(mode="json")}
 
     def restore(self, path: Path) -> None:
@@ -152,12 +195,14 @@ class _Run:
             changed = [k for k, v in self.recipe.model_dump(mode="json").items() if saved["recipe"].get(k) != v]
             raise RunError(f"the recipe changed since {path} was written ({', '.join(changed)}); resume with the "
                            f"recipe.yaml in {self.out}, or start a new run")
-        self.model.load_state_dict(saved["model"])
+        if saved.get("world_size", 1) != self.world.size:
+            raise RunError(f"{path} was written by {saved.get('world_size', 1)} processes, and this run has "
+                           f"{self.world.size}: the data order would differ; resume with as many")
         self.schedule.load_state_dict(saved["schedule"])
         self.schedule.replay(self.model, self.optimizer, self.scheduler, **self.groups)
         if state(self.model) != State.from_dict(saved["freezekit"]):
             raise RunError(f"replaying the schedule did not give the freeze state saved in {path}")
-        self.optimizer.load_state_dict(saved["optimizer"])
+        load_full_state(self.model, self.optimizer, saved["model"], saved["optimizer"], self.strategy == "fsdp")
         self.scheduler.load_state_dict(saved["scheduler"])
         ckpt.restore_random_states(saved["random"])
         self.epoch, self.step, self.best = saved["epoch"] + 1, saved["step"], saved["best"]
@@ -168,6 +213,8 @@ class _Run:
         """Start, keep or drop the feature cache for the model as it is now."""
         wanted = self.recipe.train.cache_features
         reason = why_not_cacheable(self.model, self.recipe.data.augment) if wanted is not False else "off"
+        if reason is None and self.world.distributed:
+            reason = "under torchrun the head's gradients must go through DDP"
         if reason is not None:
             if wanted is True:
                 raise RunError(f"train.cache_features: true, but the features cannot be cached: {reason}")
@@ -200,11 +247,11 @@ class _Run:
         with self._autocast():
             if self.cache is not None:
                 return self.cache.head(self.cache.features(indices))
-            return self.model(normalize(images.to(self.device)))
+            return self.engine(normalize(images.to(self.device)))
 
     def train_epoch(self) -> dict[str, float]:
         recipe, model = self.recipe, self.model
-        order = batches(len(self.train_set), recipe.train.batch_size, recipe.seed, self.epoch)
+        order = self.batches(self.epoch)
         cached = self.cache is not None
         self.reporter.start_epoch(self.epoch, recipe.train.epochs, len(order), cached)
         model.train()
@@ -235,16 +282,21 @@ class _Run:
             correct += int((logits.argmax(1) == labels).sum())
             seen += n
             self.reporter.step(total_loss / seen, correct / seen)
+        total_loss, correct, seen = reduce_sums(self.world, [total_loss, correct, seen])
         return {"loss": total_loss / seen, "accuracy": correct / seen}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Every rank evaluates the whole validation set on the model itself (no wrapper, so no
+        collective per batch except FSDP2's, which all ranks then make alike)."""
         self.model.eval()
         offset = len(self.train_set)
         total_loss, correct = 0.0, 0
         for idx in batches(len(self.val_set), self.recipe.train.batch_size, self.recipe.seed, 0, shuffle=False):
             labels = self.val_set.labels[idx].to(self.device)
-            logits = self._forward(self.val_set.images[idx], idx + offset)
+            with self._autocast():
+                logits = self.cache.head(self.cache.features(idx + offset)) if self.cache is not None else \
+                    self.model(normalize(self.val_set.images[idx].to(self.device)))
             total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             correct += int((logits.argmax(1) == labels).sum())
         n = len(self.val_set)
@@ -253,6 +305,8 @@ class _Run:
     # -- records
 
     def record(self, item: dict[str, Any]) -> None:
+        if not self.world.main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(item) + "\n")
 
@@ -263,8 +317,12 @@ class _Run:
                          "changes": event.changes, "added": len(event.sync.added)})
         self.write_summary(f"phase {events[-1].phase} ({events[-1].unit} {events[-1].at})")
         self._cache_state()
+        self.wrap()
+        self.verify_in_sync(f"phase {events[-1].phase}")
 
     def write_summary(self, title: str) -> None:
+        if not self.world.main:
+            return
         table = summary(self.model)
         with open(self.out / "summary.md", "a") as f:
             f.write(f"## {title}, from epoch {self.epoch} step {self.step}\n\n{table.to_markdown()}\n\n")
@@ -296,18 +354,22 @@ def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, 
         RunError, CheckpointError: the run cannot start or go on.
     """
     out = Path(output or recipe.output.dir or Path("runs") / recipe.name)
-    reporter = Reporter(quiet)
+    rank = int(os.environ.get("RANK", "0"))
+    reporter = Reporter(quiet, enabled=rank == 0)  # under torchrun, rank 0 speaks and writes
     last = _prepare_output(out, resume)
     r = _Run(recipe, out, tuple(allow_import), reporter)
     if resume:
         r.restore(last)
-        _trim_metrics(out, r.epoch)
+        if r.world.main:
+            _trim_metrics(out, r.epoch)
         reporter.say(f"resuming {recipe.name} at epoch {r.epoch + 1}/{recipe.train.epochs} from {last}")
-    else:
+    elif r.world.main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
         r.write_summary("start")
+    barrier(r.world)
     r._cache_state()
+    r.wrap()
     final: dict[str, Any] = {}
     while r.epoch < recipe.train.epochs:
         events = r.schedule.update(r.model, r.optimizer, epoch=r.epoch, step=r.step, scheduler=r.scheduler, **r.groups)
@@ -325,11 +387,16 @@ def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, 
         reporter.end_epoch(f"epoch {r.epoch + 1}/{recipe.train.epochs}: train loss {train['loss']:.4f} "
                            f"acc {train['accuracy']:.1%} | val loss {val['loss']:.4f} acc {val['accuracy']:.1%} "
                            f"| {seconds:.1f}s" + (" (cached features)" if cached else ""))
+        if r.epoch == recipe.train.epochs - 1:
+            r.verify_in_sync("the last epoch")
         improved = val["accuracy"] > r.best
         r.best = max(r.best, val["accuracy"])
-        ckpt.save(r.payload(), out / "checkpoints" / "last.pt")
-        if improved:
-            ckpt.copy(out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt")
+        payload = r.payload()  # every rank: gathering FSDP2 shards is collective
+        if r.world.main:
+            ckpt.save(payload, out / "checkpoints" / "last.pt")
+            if improved:
+                ckpt.copy(out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt")
+        barrier(r.world)
         final = {"train": train, "val": val}
         r.epoch += 1
     if r.cache is not None:
