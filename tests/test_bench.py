@@ -1,0 +1,22 @@
+"""The benchmarks cannot rot: every one runs, at its smallest, and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_benchmark_runs_at_its_smallest(tmp_path):
+    env = {**os.environ, "FREEZEKIT_BENCH_RESULTS": str(tmp_path)}  # not over the real results
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "all", "--smoke"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "== against the targets" in result.stdout
+    for name in ("apply", "summary", "step", "runner", "cache", "values", "verify"):
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert data["rows"] and {"worst", "target", "verdict"} <= set(data["summary"]) and data["machine"]["torch"]
