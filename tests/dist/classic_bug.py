@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from freezekit.train.distributed import check_in_sync, world
+from freezekit.train.distributed import barrier, check_in_sync, world, wrap_ddp
 
 
 def train(rebuild: bool) -> str | None:
@@ -26,7 +26,7 @@ def train(rebuild: bool) -> str | None:
     for p in model[0].parameters():
         p.requires_grad_(True)  # ...and unfrozen after
     if rebuild:
-        ddp = DDP(model)  # what freezekit's runner does after a phase
+        ddp = wrap_ddp(model, torch.device("cpu"), previous=ddp)  # what freezekit's runner does after a phase
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(100 + w.rank)  # each rank its own data
     for _ in range(3):
@@ -41,4 +41,5 @@ dist.init_process_group("gloo")
 by_hand, rebuilt = train(rebuild=False), train(rebuild=True)
 if dist.get_rank() == 0:
     print(json.dumps({"by_hand": by_hand, "rebuilt": rebuilt}))
+barrier(world("cpu"))  # no rank tears the group down while another still uses it
 dist.destroy_process_group()
