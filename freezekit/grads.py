@@ -33,6 +33,9 @@ def grads(loss: torch.Tensor, model: nn.Module, select: Selector | str | None = 
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TypeError(f"grads(): loss: expected a one-element tensor, got "
                         f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+    for name, flag in (("retain_graph", retain_graph), ("create_graph", create_graph)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"grads(): {name}: expected True or False, got {flag!r}")
     index = ModelIndex(model)
     if select is None:
         chosen = range(index.n_params)

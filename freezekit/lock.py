@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-__all__ = ["EvalLock", "is_locked", "lock", "unlock"]
+__all__ = ["EvalLock", "asked", "is_locked", "lock", "unlock"]
 
 
 class EvalLock:
@@ -41,6 +41,12 @@ class EvalLock:
 def is_locked(module: nn.Module) -> bool:
     """True if ``module`` is eval-locked."""
     return isinstance(module.__dict__.get("train"), EvalLock)
+
+
+def asked(module: nn.Module) -> bool:
+    """The mode last asked of ``module``: its own, or, if it is locked, the one its lock remembers."""
+    current = module.__dict__.get("train")
+    return current.asked if isinstance(current, EvalLock) else module.training
 
 
 def lock(module: nn.Module, existing: EvalLock | None = None) -> EvalLock:

@@ -24,10 +24,13 @@ import torch.nn as nn
 
 from .errors import FreezekitError, closest
 
-__all__ = ["IMPORTABLE", "UnknownModelError", "build", "parse"]
+__all__ = ["IMPORTABLE", "WEIGHT_ARGUMENTS", "UnknownModelError", "build", "parse"]
 
 IMPORTABLE = frozenset({"torch", "torchvision", "timm", "freezekit"})
 SOURCES = ("timm", "torchvision")
+# Factory arguments that would fetch or read weights behind the cache-only, weights-only loading here.
+WEIGHT_ARGUMENTS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "weights",
+                  "weights_backbone")
 
 
 class UnknownModelError(FreezekitError, ValueError):
@@ -82,6 +85,10 @@ def build(spec: str, *, num_classes: int | None = None, pretrained: bool = False
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if source in SOURCES:
+        loads = [k for k in WEIGHT_ARGUMENTS if k in kwargs]
+        if loads:
+            raise UnknownModelError(f"model {spec!r}: argument {loads[0]!r} would load weights; use "
+                                    "pretrained=True (cache only) or a checkpoint file instead")
         names = _registry(source)
         if name not in names:
             near = closest(name, names)

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lock import asked
+
 # Set on a norm layer whose statistics a policy chose to let adapt (freeze(norm="train")), so that
 # fk.audit does not report them as drifting.
 STATS_ADAPT = "_freezekit_stats_adapt"
@@ -91,6 +93,9 @@ class FrozenBatchNorm(nn.Module):
     """
 
     def __init__(self, original: nn.Module):
+        if not isinstance(original, nn.modules.batchnorm._BatchNorm):
+            raise TypeError(f"{type(self).__name__}(): original: expected a BatchNorm module, got "
+                            f"{type(original).__name__}")
         super().__init__()
         self.num_features = original.num_features
         self.eps = original.eps
@@ -100,7 +105,7 @@ class FrozenBatchNorm(nn.Module):
             if name in original._buffers:
                 self.register_buffer(name, original._buffers[name],
                                      persistent=name not in original._non_persistent_buffers_set)
-        self.training = original.training
+        self.training = asked(original)  # the model's mode, also where the original is eval-locked
         # Kept outside _modules so that it adds no state_dict keys; restore() puts it back.
         self.__dict__["original"] = original
 
@@ -117,6 +122,9 @@ class FrozenBatchNormAct(FrozenBatchNorm):
     modules follow the normalization."""
 
     def __init__(self, original: nn.Module):
+        if not hasattr(original, "act") or not hasattr(original, "drop"):
+            raise TypeError(f"FrozenBatchNormAct(): original: expected a timm BatchNormAct2d, got "
+                            f"{type(original).__name__}")
         super().__init__(original)
         self.drop = original.drop
         self.act = original.act
@@ -146,5 +154,5 @@ def original_of(module: FrozenBatchNorm) -> nn.Module:
         original._parameters[name] = param
     for name, buf in module._buffers.items():
         original._buffers[name] = buf
-    original.train(module.training)
+    original.train(asked(module))  # what the model last asked, even of a locked frozen module
     return original

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +111,9 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
     _check_number("param_groups(): weight_decay", weight_decay)
     if layer_decay is not None:
         _check_number("param_groups(): layer_decay", layer_decay, positive=True)
+    if not isinstance(rules, (list, tuple)):
+        raise TypeError(f"param_groups(): rules: expected a list of (selector, {{'lr_mult': ...}}) pairs, got "
+                        f"{type(rules).__name__}")
     index = ModelIndex(model)
     trainable = index.requires_grad.copy()
     layer = np.zeros(index.n_params, dtype=np.int64)
@@ -156,7 +160,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
 
 
 def _check_number(name: str, value: Any, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf or \
+            (positive and value == 0):
         raise ValueError(f"{name}: expected a {'positive' if positive else 'non-negative'} number, got {value!r}")
 
 
@@ -199,6 +204,8 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, lr_mult: 
         raise TypeError(f"sync_optimizer(): optimizer: expected a torch.optim.Optimizer, "
                         f"got {type(optimizer).__name__}")
     _check_number("sync_optimizer(): lr_mult", lr_mult, positive=True)
+    if not isinstance(drop_state, bool):
+        raise TypeError(f"sync_optimizer(): drop_state: expected True or False, got {drop_state!r}")
     index = ModelIndex(model)
     report = SyncReport()
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}

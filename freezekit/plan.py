@@ -198,6 +198,13 @@ class Plan:
         self.policy = policy
         self._index = index
         self._d = decisions
+        # The locks and boundaries the model holds now, read once: a plan keeps describing
+        # the model it was made on when it is read after an apply (``applied.plan`` included).
+        modules = index.modules
+        self._cuts_before = {u: tuple(_boundary.boundaries(modules[u])) for u in index.maybe_cut.nonzero()[0].tolist()}
+        self._locked_before = np.zeros(len(modules), dtype=bool)
+        self._locked_before[[u for u in index.maybe_locked.nonzero()[0].tolist() if _lock.is_locked(modules[u])]] = True
+        self._locked_now  # noqa: B018 -- computed now: it reads the locks of swapped-out originals
         self.warnings = self._dead_rules()
 
     # -- the target state, per unique object
@@ -223,8 +230,7 @@ class Plan:
     def _locked_now(self) -> np.ndarray:
         """Unique modules locked now; for a place about to be swapped, the module that will sit there."""
         modules = self._index.modules
-        now = np.zeros(len(modules), dtype=bool)
-        now[[u for u in self._index.maybe_locked.nonzero()[0].tolist() if _lock.is_locked(modules[u])]] = True
+        now = self._locked_before.copy()
         for u, swap in self._swaps.items():
             now[u] = False if swap else _lock.is_locked(modules[u].original)
         return now
@@ -253,8 +259,7 @@ class Plan:
         out, seen = [], set()
         for u, i in self._d.boundaries:
             rule = self.policy.rules[i]
-            module = self._index.modules[u]
-            existing = {(b.at, b.no_grad) for b in _boundary.boundaries(module)}
+            existing = {(b.at, b.no_grad) for b in self._cuts_before.get(u, ())}
             if (rule.at, rule.no_grad) not in existing and (u, rule.at, rule.no_grad) not in seen:
                 seen.add((u, rule.at, rule.no_grad))
                 out.append((u, i))
@@ -266,7 +271,7 @@ class Plan:
         index = self._index
         cut = np.zeros(index.n_modules, dtype=bool)
         for u in index.maybe_cut.nonzero()[0].tolist():
-            cut[u] = any(b.at == "output" for b in _boundary.boundaries(index.modules[u]))
+            cut[u] = any(b.at == "output" for b in self._cuts_before[u])
         for u, i in self._d.boundaries:
             if self.policy.rules[i].at == "output":
                 cut[u] = True
@@ -302,13 +307,13 @@ class Plan:
             else:
                 is_frozen, shown = swap, frozen_class(module) if swap else type(module.original)
             by = max(int(d.locked_by[u]), int(d.swapped_by[u]))
-            sides = tuple(reversed(added.get(u, []))) + tuple(b.at for b in _boundary.boundaries(module))
+            sides = tuple(reversed(added.get(u, []))) + tuple(b.at for b in self._cuts_before.get(u, ()))
             if u in self._locks:
                 locked = self._locks[u]
             elif self._d.locked[u] >= 0 or u in self._swaps:
                 locked = bool(self._locked_now[u])
             else:
-                locked = _lock.is_locked(module)
+                locked = bool(self._locked_before[u])
             out[name] = ModulePlan(shown.__name__, locked, is_frozen, sides,
                                    rules[by] if by >= 0 else None,
                                    u in self._swaps or u in self._locks or u in added)

@@ -84,16 +84,21 @@ class Applied:
         # 1. frozen BatchNorm swaps, through every parent that holds the module
         at: dict[int, nn.Module] = {}
         if plan._swaps:
-            swapped = []
-            log.append(("module", swapped))
+            swapped, carried = [], []
+            log += [("module", swapped), ("boundary", carried)]
             for u, want in plan._swaps.items():
                 module = index.modules[u]
                 new = frozen(module) if want else original_of(module)
-                for occurrence in index.occurrences(u):
-                    holder, key = index.slot(occurrence)
+                # every place that holds it, each once (a shared parent holds it under several names)
+                for holder, key in dict.fromkeys(index.slot(o) for o in index.occurrences(u)):
                     holder._modules[key] = new
                     swapped.append((holder, key, module))
                 at[u] = new
+                # a boundary belongs to the place: the module that takes it over keeps it
+                have = {(b.at, b.no_grad) for b in _boundary.boundaries(new)}
+                for b in reversed(_boundary.boundaries(module)):
+                    if (b.at, b.no_grad) not in have:
+                        carried.append((new, _boundary.add(new, b.at, b.no_grad)))
         # 2. requires_grad, and no stale gradient on anything frozen
         params, after = index.params, plan._rg_after
         changed = (plan._rg_before != after).nonzero()[0].tolist()
@@ -193,7 +198,9 @@ class Applied:
 
 
 def _sync_into(frozen_module: FrozenBatchNorm, original: nn.Module) -> None:
-    """Give a re-installed frozen module the tensors its original holds now."""
+    """Give a re-installed frozen module the tensors its original holds now, and the mode the
+    model last asked of it."""
+    frozen_module.train(_lock.asked(original))
     for name in list(frozen_module._parameters):
         frozen_module._parameters[name] = original._parameters.get(name)
     for name in list(frozen_module._buffers):

@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +60,9 @@ class Phase:
             raise TypeError(f"Phase(): policy: expected a freezekit Policy, got {type(self.policy).__name__}")
         if self.unit not in UNITS:
             raise ValueError(f"Phase(): unit: expected 'epoch' or 'step', got {self.unit!r}")
-        if isinstance(self.lr_mult, bool) or not isinstance(self.lr_mult, (int, float)) or self.lr_mult <= 0:
-            raise ValueError(f"Phase(): lr_mult: expected a positive number, got {self.lr_mult!r}")
+        if isinstance(self.lr_mult, bool) or not isinstance(self.lr_mult, (int, float)) or \
+                not 0 < self.lr_mult < math.inf:
+            raise ValueError(f"Phase(): lr_mult: expected a positive finite number, got {self.lr_mult!r}")
 
     def to_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"at": self.at, "policy": self.policy.to_config()}
@@ -133,6 +136,13 @@ class Schedule:
         """
         if epoch is None and step is None:
             raise TypeError("Schedule.update(): pass epoch=..., step=... or both")
+        for name, value in (("epoch", epoch), ("step", step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor))):
+                raise TypeError(f"Schedule.update(): {name}: expected a number or None, got {type(value).__name__} "
+                                f"{value!r}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Schedule.update(): optimizer: expected a torch.optim.Optimizer or None, got "
+                            f"{type(optimizer).__name__}")
         events = self.replay(model, optimizer, scheduler, **groups)
         for i in self.due(epoch, step):
             events.append(self._apply(i, model, optimizer, scheduler, groups))
@@ -215,5 +225,9 @@ def gradual_unfreeze(groups: list[Selector | str | list], start: int = 1, every:
     phases = []
     for i, group in enumerate(groups):
         selectors = group if isinstance(group, (list, tuple)) else [group]
-        phases.append(Phase(start + i * every, Policy(unfreeze(*selectors)), unit, lr_mult))
+        try:
+            rule = unfreeze(*selectors)
+        except TypeError as e:
+            raise TypeError(f"gradual_unfreeze(): groups[{i}]: {e}") from None
+        phases.append(Phase(start + i * every, Policy(rule), unit, lr_mult))
     return Schedule(*phases)

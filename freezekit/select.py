@@ -131,6 +131,8 @@ def as_selector(value: Selector | str, what: str = "selector") -> Selector:
     if isinstance(value, Selector):
         return value
     if isinstance(value, str):
+        if not value:  # most likely an unset variable; as a glob it would select the root: everything
+            raise PatternError(f"{what}: an empty pattern; use '*' for everything (or names('') for the root module)")
         return Regex((value[3:],)) if value.startswith("re:") else Glob((value,))
     raise TypeError(f"{what}: expected a pattern string or a freezekit selector, got {type(value).__name__} "
                     f"{value!r}")
@@ -142,6 +144,8 @@ def _patterns(kind: str, values: tuple, allow_empty: bool = False) -> tuple[str,
     for v in values:
         if not isinstance(v, str):
             raise TypeError(f"{kind}(): expected pattern strings, got {type(v).__name__} {v!r}")
+        if not v and kind == "glob":
+            as_selector(v, "glob()")  # refuses it
     return tuple(values)
 
 
@@ -193,7 +197,7 @@ class Regex(Selector):
         for pattern in self.patterns:
             try:
                 compiled.append(re.compile(pattern))
-            except re.error as e:
+            except (re.error, RecursionError, OverflowError) as e:  # RecursionError: nested too deeply
                 raise PatternError(f"bad regular expression {pattern!r}: {e}") from None
         object.__setattr__(self, "compiled", tuple(compiled))
 
@@ -289,6 +293,8 @@ class Types(Selector):
             if not isinstance(spec, (type, str)):
                 raise TypeError(f"types(): expected module classes or class names, got {type(spec).__name__} "
                                 f"{spec!r}")
+            if isinstance(spec, str) and (not spec or "" in spec.split(".")):
+                raise PatternError(f"types(): {spec!r} is not a class name")
         object.__setattr__(self, "tests", tuple(_type_test(spec) for spec in self.classes))
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
@@ -593,7 +599,7 @@ def from_config(value: Any, where_: str = "selector") -> Selector:
 
 def _from_config(value: Any, where_: str) -> Selector:
     if isinstance(value, str):
-        return as_selector(value)
+        return as_selector(value, where_)
     if not isinstance(value, dict) or len(value) != 1:
         raise ConfigError(f"{where_}: expected a pattern string or a mapping with one of "
                           f"{', '.join(SELECTOR_KEYS)}; got {value!r}")

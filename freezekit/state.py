@@ -158,6 +158,8 @@ def load_state(model: nn.Module, saved: dict[str, Any] | State) -> Applied:
         StateError: the state is malformed, names parameters or modules the model lacks (or lacks
             parameters the model has), or the model already carries a different freezekit state.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_state(): model: expected a torch.nn.Module, got {type(model).__name__}")
     target = saved if isinstance(saved, State) else State.from_dict(saved)
     current = state(model)
     if current == target:

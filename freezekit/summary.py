@@ -29,6 +29,7 @@ import torch.nn as nn
 from . import boundary as _boundary
 from .index import ModelIndex
 from .lock import is_locked
+from .norm import frozen_class
 from .plan import Plan, decide
 from .policy import Policy
 
@@ -117,7 +118,8 @@ def _bytes(n: int) -> str:
 class _Table:
     """Per-occurrence numbers for building rows: subtree sums by prefix sums over pre-order."""
 
-    def __init__(self, index: ModelIndex, status: np.ndarray, locked: np.ndarray):
+    def __init__(self, index: ModelIndex, status: np.ndarray, locked: np.ndarray,
+                 swapped: dict[int, type] | None = None):
         self.index = index
         first = np.zeros(len(index.par_uid), dtype=bool)  # each tensor counted at its first name only
         first[np.unique(index.par_uid, return_index=True)[1]] = True
@@ -134,6 +136,12 @@ class _Table:
         self.total = subtree(occ_numel)
         self.by_status = [subtree(occ_numel * (occ_status == code)) for code in range(len(STATUS))]
         classes, class_of = index._classes
+        if swapped:  # a preview: the classes a policy swaps in (FrozenBatchNorm, or back)
+            classes, class_of = list(classes), class_of.copy()
+            for u, cls in swapped.items():
+                if cls not in classes:
+                    classes.append(cls)
+                class_of[u] = classes.index(cls)
         self.class_of = class_of[index.mod_uid]
         self.class_names = [c.__name__ for c in classes]
         mode = np.where(locked, 2, index.training.astype(np.int64))
@@ -229,8 +237,11 @@ def summary(model: nn.Module, depth: int | None = None, policy: Policy | None = 
     if policy is not None and not isinstance(policy, Policy):
         raise TypeError(f"summary(): policy: expected a freezekit Policy, got {type(policy).__name__}")
     index = ModelIndex(model)
+    swapped: dict[int, type] = {}
     if policy is not None:
         plan = Plan(policy, index, decide(policy.rules, index))
+        swapped = {u: frozen_class(index.modules[u]) if want else type(index.modules[u].original)
+                   for u, want in plan._swaps.items()}
         requires_grad, detached = plan._rg_after, plan._detached
         locked = np.zeros(index.n_modules, dtype=bool)
         for u, lk in enumerate(m.eval_locked for m in plan.modules.values()):
@@ -245,7 +256,7 @@ def summary(model: nn.Module, depth: int | None = None, policy: Policy | None = 
             locked[u] = is_locked(module)
         detached = index.params_only_under(cut) if cut.any() else np.zeros(index.n_params, dtype=bool)
     status = np.where(~requires_grad, 1, np.where(detached, 2, 0))
-    table = _Table(index, status, locked)
+    table = _Table(index, status, locked, swapped)
     if depth is None:
         memo: dict[str, Any] = {}
         depth, rows = 1, _rows(table, 1, memo=memo)

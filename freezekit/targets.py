@@ -36,6 +36,9 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 def _pairs(target: nn.Module, source: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Matching tensors of the two modules, parameters then buffers, checked name by name."""
+    for name, module in (("target", target), ("source", source)):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{name}: expected a torch.nn.Module, got {type(module).__name__}")
     target, source = unwrap(target), unwrap(source)
     problems = []
     out_t: list[torch.Tensor] = []

@@ -106,6 +106,8 @@ def assert_frozen(model: nn.Module, values: bool = False) -> Iterator[None]:
         values: also checksum tensors that no version counter says were written to, catching
             writes made in place through ``.data``; costs two passes over the frozen weights.
     """
+    if not isinstance(values, bool):
+        raise TypeError(f"assert_frozen(): values: expected True or False, got {values!r}")
     model_name, watched = _watched(model)
     before = []
     for _, t in watched:

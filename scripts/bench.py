@@ -198,8 +198,15 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
     """The peak of memory allocated on the CPU while ``fn`` runs, from the torch profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    saved = os.dup(2)  # the profiler's C++ side logs to stderr; keep the tables readable
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
     total = top = 0
     for event in sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start):
         total += event.cpu_memory_usage

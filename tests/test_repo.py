@@ -41,3 +41,14 @@ def test_readme_has_the_recipe_reference_for_every_key():
     from freezekit.recipe.reference import reference
 
     assert reference() in (ROOT / "README.md").read_text()
+
+
+PAGES = ["README.md", "SECURITY.md", *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md")))]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_relative_link_leads_to_a_file(page):
+    text = (ROOT / page).read_text()
+    links = [link for link in re.findall(r"\]\(([^)#\s]+)", text) if "://" not in link]
+    missing = [link for link in links if not (ROOT / page).parent.joinpath(link).exists()]
+    assert not missing, f"{page} links to missing files: {missing}"

@@ -25,3 +25,6 @@ def command(
             run(load(recipe, set_), output=output, resume=resume, quiet=quiet, allow_import=allow_import)
         except (RunError, CheckpointError) as e:
             raise ValueError(str(e)) from None
+        except OSError as e:  # a full disk while recording metrics, a folder not writable, ...
+            where = f": {e.filename}" if e.filename else ""
+            raise ValueError(f"the run stopped: {e.strerror or e}{where}") from None

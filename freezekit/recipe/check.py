@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, DeadRuleWarning, FreezekitError, NoMatchError, closest
 from ..index import ModelIndex
-from ..models import build
+from ..models import WEIGHT_ARGUMENTS, build
 from ..optim import param_groups, sync_optimizer
 from ..plan import Plan
 from ..policy import Policy
@@ -27,7 +27,7 @@ from ..select import from_config as selector_from_config
 from ..summary import Summary, summary
 from ..train.checkpoint import CheckpointError, load_weights
 from ..train.data import SHAPES, classes_in
-from .load import Problem, RecipeError, locate, split_path
+from .load import Problem, RecipeError, _from_override, locate, split_path
 from .schema import Recipe
 
 __all__ = ["PhasePlan", "Prepared", "check", "optimizer_rules", "plan_phases"]
@@ -62,7 +62,7 @@ class _Collector:
         self.problems: list[Problem] = []
 
     def add(self, field_path: str, message: str) -> None:
-        line = None if field_path in self.overridden else locate(self.data, split_path(field_path))
+        line = None if _from_override(field_path, self.overridden) else locate(self.data, split_path(field_path))
         self.problems.append(Problem(self.file, line, field_path, message))
 
     def add_located(self, message: str) -> None:
@@ -97,6 +97,18 @@ def _classes(recipe: Recipe, out: _Collector) -> list[str]:
     return train
 
 
+def _output(recipe: Recipe, out: _Collector) -> None:
+    """A recipe may come from anyone: from the file, ``output.dir`` must stay below the working
+    folder (an absolute or ``..`` path is the command line's to give, ``--output`` or ``--set``)."""
+    where = recipe.output.dir
+    if where is None or _from_override("output.dir", out.overridden):
+        return
+    path = Path(where)
+    if path.is_absolute() or where.startswith("~") or ".." in path.parts:
+        out.add("output.dir", f"{where!r} leaves the working folder; a recipe writes below it (a relative path "
+                              "without '..'); choose another place on the command line with --output")
+
+
 def _model(recipe: Recipe, num_classes: int, allow_import: tuple[str, ...], out: _Collector) -> nn.Module | None:
     spec = recipe.model
     try:
@@ -105,9 +117,13 @@ def _model(recipe: Recipe, num_classes: int, allow_import: tuple[str, ...], out:
         except NotImplementedError:  # a model that computes its layout from tensor values
             return build(spec.name, num_classes=num_classes, device="cpu", allow_import=allow_import, **spec.kwargs)
     except FreezekitError as e:
-        out.add("model.name", str(e).removeprefix(f"model {spec.name!r}: "))
+        loads = any(k in spec.kwargs for k in WEIGHT_ARGUMENTS)
+        out.add("model.kwargs" if loads else "model.name", str(e).removeprefix(f"model {spec.name!r}: "))
     except TypeError as e:
         out.add("model.kwargs", f"the factory refused them: {e}")
+    except Exception as e:  # the factory's own checks (assert, ValueError, RuntimeError, ...) on these values
+        out.add("model.kwargs" if spec.kwargs else "model.name",
+                f"building the model failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return None
 
 
@@ -192,6 +208,7 @@ def check(recipe: Recipe, allow_import: tuple[str, ...] | list[str] = ()) -> Pre
     if recipe.model.num_classes is not None and classes and recipe.model.num_classes != len(classes):
         out.add("model.num_classes", f"{recipe.model.num_classes}, but the data has {len(classes)} classes "
                                      f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+    _output(recipe, out)
     model = _model(recipe, num_classes, allow, out)
     _checkpoint(recipe, model, out)
     policy, schedule = Policy(), Schedule()

@@ -62,16 +62,51 @@ class LinesList(list):
     lines: list[int]
 
 
-class _Loader(yaml.SafeLoader):
-    """``yaml.safe_load`` semantics (no Python tags), keeping line numbers, refusing duplicate keys."""
+# A recipe nests a few levels deep; far deeper nesting is refused before Python's recursion limit is.
+MAX_DEPTH = 64
+
+
+class _Guarded(yaml.SafeLoader):
+    """``yaml.safe_load`` semantics (no Python tags), refusing nesting deeper than :data:`MAX_DEPTH`."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as e:  # PyYAML's own constructors on a bad explicit tag: !!int x, !!timestamp 2001-13-45
+            what = f"{node.value!r} " if isinstance(node, yaml.ScalarNode) and len(node.value) < 80 else ""
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {what}as {node.tag} ({e})",
+                                                    node.start_mark) from None
+
+
+class _Loader(_Guarded):
+    """:class:`_Guarded`, keeping line numbers and refusing duplicate keys."""
 
 
 def _mapping(loader: _Loader, node: yaml.MappingNode) -> Lines:
+    if not isinstance(node, yaml.MappingNode):  # !!map on a list or a scalar
+        raise yaml.constructor.ConstructorError(None, None, f"expected a mapping for {node.tag}, found {node.id}",
+                                                node.start_mark)
     loader.flatten_mapping(node)
     out = Lines()
     out.line, out.lines = node.start_mark.line + 1, {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (dict, list)):
+            raise yaml.constructor.ConstructorError(None, None, "a mapping or list as a key", key_node.start_mark)
         if key in out:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         out[key] = loader.construct_object(value_node, deep=True)
@@ -80,6 +115,9 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> Lines:
 
 
 def _sequence(loader: _Loader, node: yaml.SequenceNode) -> LinesList:
+    if not isinstance(node, yaml.SequenceNode):  # !!seq on a mapping or a scalar
+        raise yaml.constructor.ConstructorError(None, None, f"expected a sequence for {node.tag}, found {node.id}",
+                                                node.start_mark)
     out = LinesList(loader.construct_object(child, deep=True) for child in node.value)
     out.line, out.lines = node.start_mark.line + 1, [child.start_mark.line + 1 for child in node.value]
     return out
@@ -90,8 +128,13 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _sequen
 
 
 def _parse(text: str, file: str) -> Any:
+    loader = None
     try:
-        return yaml.load(text, Loader=_Loader)
+        loader = _Loader(text)  # a character YAML does not allow raises here already
+        data = loader.get_single_data()
+    except RecursionError:  # aliases nested past the composer's guard
+        raise RecipeError([Problem(file, loader.line + 1, "", f"YAML: nested too deeply (more than {MAX_DEPTH} "
+                                                               "levels)")]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         problem = e.problem or str(e)
@@ -100,8 +143,56 @@ def _parse(text: str, file: str) -> Any:
         if isinstance(e, yaml.constructor.ConstructorError) and "python" in str(e):
             problem = f"{problem} (recipes are plain YAML: Python tags are refused)"
         raise RecipeError([Problem(file, mark.line + 1 if mark else None, "", f"YAML: {problem}")]) from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow: a position, not a mark
+        line = text.count("\n", 0, e.position) + 1
+        character = chr(e.character) if isinstance(e.character, int) else e.character
+        raise RecipeError([Problem(file, line, "", f"YAML: unacceptable character {character!r}")]) from None
     except yaml.YAMLError as e:
-        raise RecipeError([Problem(file, None, "", f"YAML: {e}")]) from None
+        raise RecipeError([Problem(file, loader.line + 1 if loader else None, "", f"YAML: {e}")]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    fault = _too_big(data, len(text))
+    if fault is not None:
+        key, problem = fault
+        line = data.lines.get(key) if isinstance(data, Lines) and key is not None else getattr(data, "line", 1)
+        raise RecipeError([Problem(file, line or 1, "" if key is None else str(key), f"YAML: {problem}")])
+    return data
+
+
+def _too_big(data: Any, size: int) -> tuple[Any, str] | None:
+    """``(top-level key or None, problem)`` if aliases make ``data`` nest deeper than :data:`MAX_DEPTH`
+    or expand far beyond the ``size`` of its text (an "alias bomb"), or an alias refers to what holds
+    it. Each node is walked once, without recursion, and counted as often as aliases use it."""
+    measured: dict[int, tuple[int, int]] = {}  # id -> (values and characters, depth), aliases expanded
+    active: set[int] = set()  # the nodes on the path being walked
+    stack = [(data, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in measured:
+            continue
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node if isinstance(node, list) \
+            else ()
+        if children and not ready:
+            if any(id(c) in active for c in children):
+                key = next((k for k, v in data.items() if id(v) in active or v is node), None) \
+                    if isinstance(data, dict) else None
+                return key, "an alias refers to the node that holds it (a recursive structure)"
+            active.add(id(node))
+            stack.append((node, True))
+            stack += [(c, False) for c in children if id(c) not in measured]
+            continue
+        parts = [measured[id(c)] for c in children]
+        active.discard(id(node))
+        measured[id(node)] = (1 + (len(node) if isinstance(node, (str, bytes)) else 0) + sum(n for n, _ in parts),
+                              1 + max((d for _, d in parts), default=0))
+    total, depth = measured[id(data)]
+    if depth <= MAX_DEPTH and total <= 10 * size + 10_000:
+        return None
+    worst = 1 if depth > MAX_DEPTH else 0
+    key = max(data, key=lambda k: measured[id(data[k])][worst]) if isinstance(data, dict) and data else None
+    return key, (f"nested more than {MAX_DEPTH} levels deep" if depth > MAX_DEPTH else
+                 f"aliases expand it to {total:,} values and characters, from {size:,} characters (an alias bomb?)")
 
 
 # ----------------------------------------------------------------------------------------- locating
@@ -124,7 +215,7 @@ def locate(data: Any, path: list[str | int]) -> int | None:
             isinstance(node, LinesList) and isinstance(part, int) and 0 <= part < len(node)
         if not found:
             break
-        line, node = node.lines[part], node[part]
+        line, node = node.lines[part] if isinstance(node, LinesList) else node.lines.get(part, line), node[part]
     return line
 
 
@@ -157,16 +248,30 @@ def _problems(error: ValidationError, data: Any, file: str, overridden: set[str]
         elif err["type"] == "missing":
             message = "required, but missing"
         else:
-            message = f"{err['msg']} (got {err.get('input')!r})"
+            message = f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
         out.append(Problem(file, line, field, message))
     return out
 
 
 def _from_override(field: str, overridden: set[str]) -> bool:
-    return any(field == o or field.startswith(o + ".") or field.startswith(o + "[") for o in overridden)
+    """True if ``field`` was set by ``--set`` (it, a part of it, or what holds it): it has no line."""
+    return any(a == b or a.startswith((b + ".", b + "[")) for o in overridden for a, b in ((field, o), (o, field)))
 
 
 # ------------------------------------------------------------------------------------------ loading
+
+
+def _value(raw: str) -> Any:
+    """An override's value, read like a recipe (no Python tags, no alias bombs); plain dicts and lists."""
+    loader = _Guarded(raw)
+    try:
+        value = loader.get_single_data()
+    finally:
+        loader.dispose()
+    fault = _too_big(value, len(raw))
+    if fault is not None:
+        raise yaml.YAMLError(fault[1])
+    return value
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], file: str) -> set[str]:
@@ -177,9 +282,11 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], file: st
         if not sep or not key.strip():
             raise RecipeError([Problem(file, None, "--set", f"expected key.path=value, got {item!r}")])
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise RecipeError([Problem(file, None, f"--set {key}", f"the value is not YAML: {e}")]) from None
+            value = _value(raw) if raw.strip() else None
+        except (yaml.YAMLError, RecursionError) as e:
+            problem = f"nested more than {MAX_DEPTH} levels deep" if isinstance(e, RecursionError) else \
+                getattr(e, "problem", None) or str(e)
+            raise RecipeError([Problem(file, None, f"--set {key}", f"the value is not YAML: {problem}")]) from None
         parts = split_path(key.strip())
         node = data
         for i, part in enumerate(parts[:-1]):
@@ -206,8 +313,9 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], file: st
 def loads(text: str, file: str = "<recipe>", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Parse and validate a recipe from YAML text. Raises :class:`RecipeError`."""
     data = _parse(text, file)
-    if data is None:
+    if data is None:  # an empty file, or comments only
         data = Lines()
+        data.line, data.lines = 1, {}
     if not isinstance(data, dict):
         raise RecipeError([Problem(file, getattr(data, "line", 1), "", "a recipe is a mapping of sections "
                                                                        "(model, data, policy, ...)")])
@@ -226,7 +334,13 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     """Read, parse and validate the recipe at ``path``. Raises :class:`RecipeError`."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise RecipeError([Problem(str(path), None, "", f"cannot read the recipe: {e.strerror or e}")]) from None
+        raw = path.read_bytes()
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise RecipeError([Problem(str(path), None, "", f"cannot read the recipe: "
+                                                        f"{getattr(e, 'strerror', None) or e}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError([Problem(str(path), raw.count(b"\n", 0, e.start) + 1, "",
+                                   f"not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})")]) from None
     return loads(text, str(path), overrides)

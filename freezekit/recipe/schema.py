@@ -4,15 +4,16 @@ unknown keys refused). ``policy`` and ``schedule`` keep their plain form here; t
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, field_validator
 
 __all__ = ["Data", "Group", "Model", "Optimizer", "Output", "Recipe", "Train"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)  # no .inf, no .nan
 
 
 class Model(_Section):
@@ -62,11 +63,12 @@ class Train(_Section):
 
 
 class Output(_Section):
-    dir: str | None = Field(None, description="where the run is written; default runs/NAME")
+    dir: str | None = Field(None, description="where the run is written: relative, no '..' (elsewhere: "
+                                               "--output); default runs/NAME")
 
 
 class Recipe(_Section):
-    name: str | None = Field(None, description="default: the file's stem")
+    name: str | None = Field(None, description="default: the file's stem; one plain folder name (runs/NAME)")
     seed: int = Field(0, ge=0, description="seeds data, initialization and augmentation")
     model: Model
     data: Data = Field(default_factory=Data)
@@ -76,3 +78,11 @@ class Recipe(_Section):
     train: Train = Field(default_factory=Train)
     output: Output = Field(default_factory=Output)
     _source: Any = PrivateAttr(None)  # (file, YAML data with lines, paths set by --set), for error locations
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}", name):
+            raise ValueError("a run's name is one folder name: letters, digits and _ . + -, not starting with '.' "
+                             "(no '/' or '..')")
+        return name

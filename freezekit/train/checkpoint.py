@@ -7,10 +7,12 @@ with ``torch.load(weights_only=True)``: a file that holds pickled code is refuse
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +20,22 @@ import numpy as np
 import torch
 
 from ..errors import FreezekitError
+from .faults import kill_at
 
-__all__ = ["CheckpointError", "copy", "load", "load_weights", "random_states", "restore_random_states", "save"]
+__all__ = ["CheckpointError", "clean", "copy", "load", "load_weights", "random_states", "restore_random_states", "save"]
 
 # Fault injection for tests: seconds to pause between writing the temporary file and renaming it.
 _PAUSE_ENV = "FREEZEKIT_FAULT_CHECKPOINT_PAUSE"
 
 
 class CheckpointError(FreezekitError, ValueError):
-    """A checkpoint or weights file that cannot be used: missing, truncated, foreign, or holding code."""
+    """A checkpoint or weights file that cannot be used (missing, truncated, foreign, or holding code)
+    or written (a full disk)."""
 
 
 def save(payload: dict[str, Any], path: Path) -> None:
     """Write ``payload`` to ``path`` atomically (temp file, fsync, rename, fsync of the folder)."""
-    _atomic(path, lambda f: torch.save(payload, f))
+    _atomic(path, lambda f: torch.save(payload, f), epoch=payload.get("epoch"))
 
 
 def copy(source: Path, path: Path) -> None:
@@ -40,7 +44,13 @@ def copy(source: Path, path: Path) -> None:
         _atomic(path, lambda f: shutil.copyfileobj(src, f))
 
 
-def _atomic(path: Path, write: Any) -> None:
+def clean(folder: Path) -> None:
+    """Remove the temporary files of writers killed before their rename."""
+    for stale in folder.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def _atomic(path: Path, write: Any, epoch: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -50,7 +60,17 @@ def _atomic(path: Path, write: Any) -> None:
             os.fsync(f.fileno())
         if os.environ.get(_PAUSE_ENV):
             time.sleep(float(os.environ[_PAUSE_ENV]))
+        if epoch is not None:
+            kill_at("checkpoint", epoch)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, most likely; torch.save wraps it in a RuntimeError
+        tmp.unlink(missing_ok=True)
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise CheckpointError(_unwritable(path, cause)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -61,12 +81,21 @@ def _atomic(path: Path, write: Any) -> None:
         os.close(folder)
 
 
+def _unwritable(path: Path, error: OSError) -> str:
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "the disk is full" if full else error.strerror or str(error)
+    kept = f"{path} still holds the last good one" if path.is_file() else "there is no earlier one at that path"
+    return f"checkpoint {path} could not be written ({reason}); {kept}"
+
+
 def load(path: Path, what: str = "checkpoint") -> dict[str, Any]:
     """Read a file written by :func:`save`, refusing pickled code and saying what is wrong."""
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's hints about foreign files: the error below says it
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign, or code: torch says which in its message
         raise CheckpointError(_unreadable(path, what, e)) from None
     if not isinstance(data, dict):

@@ -5,7 +5,8 @@ its phases through :class:`~freezekit.Schedule`, the optimizer through
 :func:`~freezekit.param_groups` -- and holds no freezing logic of its own. A run directory gets the
 resolved ``recipe.yaml``, ``metrics.jsonl`` (a JSON object per line), ``summary.md`` (the frozen
 layers of each phase) and ``checkpoints/last.pt`` / ``best.pt``, written atomically and holding
-everything a resumed run needs to end with the same weights as an uninterrupted one.
+everything a resumed run needs to end with the same weights as an uninterrupted one. Tests kill it
+at precise points (a step, a phase, a checkpoint write) through :mod:`freezekit.train.faults`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 import warnings
 from contextlib import nullcontext
@@ -45,6 +47,7 @@ from .distributed import (
     world,
     wrap_ddp,
 )
+from .faults import kill_at
 from .features import FeatureCache, why_not_cacheable
 from .progress import Reporter
 
@@ -178,6 +181,11 @@ class _Run:
 
     # -- checkpoints
 
+    def last_good(self) -> str:
+        """Where the run can go on from, for the error that stops it."""
+        last = self.out / "checkpoints" / "last.pt"
+        return f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+
     def payload(self) -> dict[str, Any]:
         model_state, optimizer_state = full_state(self.model, self.optimizer, self.strategy == "fsdp")
         return {"format": "freezekit-run", "version": 1, "epoch": self.epoch, "step": self.step, "best": self.best,
@@ -191,6 +199,13 @@ class _Run:
         saved = ckpt.load(path)
         if saved.get("format") != "freezekit-run":
             raise ckpt.CheckpointError(f"checkpoint {path} is not a freezekit run checkpoint")
+        if saved.get("version") != 1:
+            raise ckpt.CheckpointError(f"checkpoint {path} has format version {saved.get('version')}, and this "
+                                       f"freezekit reads version 1")
+        missing = sorted({"epoch", "step", "best", "model", "optimizer", "scheduler", "freezekit", "schedule",
+                          "random", "recipe"} - saved.keys())
+        if missing:
+            raise ckpt.CheckpointError(f"checkpoint {path} is incomplete: it has no {', '.join(missing)}")
         if saved["recipe"] != self.recipe.model_dump(mode="json"):
             changed = [k for k, v in self.recipe.model_dump(mode="json").items() if saved["recipe"].get(k) != v]
             raise RunError(f"the recipe changed since {path} was written ({', '.join(changed)}); resume with the "
@@ -268,14 +283,14 @@ class _Run:
             logits = self._forward(images, idx)
             loss = F.cross_entropy(logits.float(), labels)
             if not torch.isfinite(loss):
-                raise RunError(f"the loss is {loss.item()} at epoch {self.epoch} step {self.step}; the last good "
-                               f"checkpoint is {self.out / 'checkpoints' / 'last.pt'}")
+                raise RunError(f"the loss is {loss.item()} at epoch {self.epoch} step {self.step}; {self.last_good()}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.train.grad_clip:
                 nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.train.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
+            kill_at("step", self.step)
             self.step += 1
             n = len(idx)
             total_loss += loss.item() * n
@@ -319,6 +334,8 @@ class _Run:
         self._cache_state()
         self.wrap()
         self.verify_in_sync(f"phase {events[-1].phase}")
+        for event in events:
+            kill_at("phase", event.phase)
 
     def write_summary(self, title: str) -> None:
         if not self.world.main:
@@ -330,19 +347,26 @@ class _Run:
 
 def _prepare_output(out: Path, resume: bool) -> Path:
     last = out / "checkpoints" / "last.pt"
-    if resume and not last.is_file():
+    if resume and not last.is_file() and not (out / "recipe.yaml").is_file():
         raise RunError(f"--resume: no checkpoint at {last}; start the run without --resume")
     if not resume and (last.exists() or (out / "metrics.jsonl").exists()):
         raise RunError(f"{out} already holds a run; resume it with --resume, or choose another --output")
     return last
 
 
-def _trim_metrics(out: Path, epoch: int) -> None:
-    """Drop what a killed run recorded after its last checkpoint (it will be recorded again)."""
+def _trim_records(out: Path, epoch: int) -> None:
+    """Drop what a killed run recorded from ``epoch`` on, after its last checkpoint (it will be recorded
+    again): lines of ``metrics.jsonl``, sections of ``summary.md``."""
     path = out / "metrics.jsonl"
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("epoch", 0) < epoch]
         path.write_text("".join(line + "\n" for line in kept))
+    path = out / "summary.md"
+    if path.exists():
+        sections = re.split(r"(?m)^(?=## )", path.read_text())  # each "## TITLE, from epoch E step S"
+        path.write_text("".join(s for s in sections
+                                if not (head := re.match(r"## .*, from epoch (\d+) step \d+$", s, re.M))
+                                or int(head[1]) < epoch))
 
 
 def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, quiet: bool = False,
@@ -357,13 +381,19 @@ def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, 
     rank = int(os.environ.get("RANK", "0"))
     reporter = Reporter(quiet, enabled=rank == 0)  # under torchrun, rank 0 speaks and writes
     last = _prepare_output(out, resume)
+    if resume and not last.is_file():
+        reporter.say(f"no checkpoint in {out} yet: starting {recipe.name} again from the beginning")
+        resume = False
     r = _Run(recipe, out, tuple(allow_import), reporter)
     if resume:
         r.restore(last)
         if r.world.main:
-            _trim_metrics(out, r.epoch)
+            _trim_records(out, r.epoch)
+            ckpt.clean(out / "checkpoints")
         reporter.say(f"resuming {recipe.name} at epoch {r.epoch + 1}/{recipe.train.epochs} from {last}")
     elif r.world.main:
+        _trim_records(out, 0)  # what a run stopped before its first checkpoint left
+        ckpt.clean(out / "checkpoints")
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
         r.write_summary("start")
@@ -372,12 +402,16 @@ def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, 
     r.wrap()
     final: dict[str, Any] = {}
     while r.epoch < recipe.train.epochs:
+        r.model.train()  # phases are applied and summarized on the model as it trains, fresh or resumed
         events = r.schedule.update(r.model, r.optimizer, epoch=r.epoch, step=r.step, scheduler=r.scheduler, **r.groups)
         if events:
             r.phase_changed(events)
         start = time.perf_counter()
         train = r.train_epoch()
         val = r.evaluate()
+        if not math.isfinite(val["loss"]):  # the last step broke the model: it must not be saved as good
+            raise RunError(f"the validation loss is {val['loss']} after epoch {r.epoch} step {r.step}; "
+                           f"{r.last_good()}")
         seconds = time.perf_counter() - start
         lr = r.optimizer.param_groups[0]["lr"]
         cached = r.cache is not None
@@ -392,10 +426,12 @@ def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, 
         improved = val["accuracy"] > r.best
         r.best = max(r.best, val["accuracy"])
         payload = r.payload()  # every rank: gathering FSDP2 shards is collective
-        if r.world.main:
-            ckpt.save(payload, out / "checkpoints" / "last.pt")
+        if r.world.main:  # best.pt first: stopped between the two, the epoch runs again and rewrites both
             if improved:
-                ckpt.copy(out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt")
+                ckpt.save(payload, out / "checkpoints" / "best.pt")
+                ckpt.copy(out / "checkpoints" / "best.pt", out / "checkpoints" / "last.pt")
+            else:
+                ckpt.save(payload, out / "checkpoints" / "last.pt")
         barrier(r.world)
         final = {"train": train, "val": val}
         r.epoch += 1
