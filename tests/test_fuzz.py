@@ -380,6 +380,8 @@ FOUND = [
     ("model:\n" + "".join("  " * d + "- \n" for d in range(200)), "nested more than 64 levels deep"),
     ("model: {name: 'timm:test_resnet'}\n" + bomb(9) + "\npolicy: *b8\n", "an alias bomb?"),
     ("model: {name: 'timm:test_resnet'}\nx: &a [*a]\n", "recursive"),
+    ("model: {name: 'timm:test_resnet'}\na0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 400))
+     + "policy: *a399\n", "a399: YAML: nested more than 64 levels deep"),  # each alias shallow, together deep
     ("model: {name: 'timm:test_resnet'}\n? [a, b]\n: 1\n", "a mapping or list as a key"),
     ("model: {name: timm:test_resnet}\x00\n", "unacceptable character '\\x00'"),
     ("model:\n  name: timm:test_vit\n  kwargs: {depth: -3}\n", "model.kwargs: building the model failed: "

@@ -586,6 +586,10 @@ def apply(policy: fk.Policy, model: nn.Module) -> tuple[fk.Plan, fk.Applied]:
         assert predicted[key] == after[key], key
     assert swap_free(Counter((c.kind, c.name, c.before, c.after) for c in plan.changes)) == \
         changes_between(before, after)
+    state = fk.state(model)  # freezekit's own reading agrees with the one by hand
+    assert state.parameters == after["status"]
+    assert set(state.eval_locked) == {n for n, v in after["locked"].items() if v}
+    assert set(state.frozen_bn) == {n for n, v in after["frozen_bn"].items() if v}
     for n, p in plan.parameters.items():  # frozen by a rule: no stale gradient; anything else: untouched
         if p.rule is not None and not p.requires_grad:
             assert after["grad"][n] is None, n
@@ -597,7 +601,7 @@ def apply(policy: fk.Policy, model: nn.Module) -> tuple[fk.Plan, fk.Applied]:
 # -------------------------------------------------------------------------------------- properties
 
 
-@examples(60)
+@examples(100)
 @given(cases())
 def test_plan_follows_the_rules_and_predicts_apply(case):
     model = build(case.spec)
@@ -612,16 +616,18 @@ def test_plan_follows_the_rules_and_predicts_apply(case):
     assert not any(m.training for m in model.modules())
 
 
-@examples(40)
+@examples(60)
 @given(cases(stacked=True), st.sampled_from([None, "train", "eval"]))
 def test_undo_restores_everything(case, call):
     model, twin = build(case.spec), build(case.spec)
     exact, weights = exact_state(model), values(model)
     _, first = apply(case.before, model)
-    _, second = apply(case.policy, model)  # planned on a model the first policy changed
+    plan, second = apply(case.policy, model)  # planned on a model the first policy changed
     if call is not None:
         getattr(model, call)()
         getattr(twin, call)()
+        modes = {n: m.training for n, m in model.named_modules()}
+        assert modes == {n: call == "train" and not m.eval_locked for n, m in plan.modules.items()}
     second.undo()
     first.undo()
     assert_equal_values(values(model), weights)
@@ -671,7 +677,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, 
         optimizer.step()
 
 
-@examples(40)
+@examples(50)
 @given(cases(), st.sampled_from(["sgd", "adamw"]))
 def test_training_everything_moves_nothing_frozen(case, kind):
     model = build(case.spec)
@@ -696,7 +702,7 @@ def test_training_everything_moves_nothing_frozen(case, kind):
     assert [k for k, t in fixed.items() if not torch.equal(buffers[k], t)] == []
 
 
-@examples(40)
+@examples(60)
 @given(cases())
 def test_summary_totals_add_up(case):
     model = build(case.spec)
@@ -721,7 +727,7 @@ def test_summary_totals_add_up(case):
     assert [(r.name, r.parameters, r.trainable, r.status, r.mode) for r in preview.rows] == strip
 
 
-@examples(40)
+@examples(60)
 @given(cases(configurable=True))
 def test_config_round_trips(case):
     config = case.policy.to_config()
@@ -736,3 +742,64 @@ def test_config_round_trips(case):
     assert by_rule[0] == by_rule[1]
     assert [(c.kind, c.name, c.before, c.after) for c in plans[0].changes] == \
         [(c.kind, c.name, c.before, c.after) for c in plans[1].changes]
+
+
+# ------------------------------------------------------------------- regressions found by the above
+
+
+def test_last_takes_all_children_when_asked_for_more():
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)))
+    assert fk.last("0", 5).select(model).modules == fk.first("0", 5).select(model).modules == ("0.0", "0.1", "0.2")
+
+
+def test_a_plan_read_after_apply_still_describes_the_apply():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    policy = fk.Policy(fk.detach("0"), fk.eval_mode("1"))
+    plan = policy.plan(model)
+    applied = policy.apply(model)
+    assert applied.plan.modules["0"].boundaries == plan.modules["0"].boundaries == ("output",)  # not twice
+    assert [c.kind for c in plan.changes] == [c.kind for c in applied.changes] == ["eval_lock", "boundary"]
+
+
+def test_frozen_bn_swaps_a_batchnorm_under_a_shared_parent():
+    body = nn.Sequential(nn.BatchNorm1d(2))
+    model = nn.Sequential(body, body)
+    applied = fk.Policy(fk.freeze("0", norm="frozen_bn")).apply(model)
+    assert isinstance(model[0][0], fk.FrozenBatchNorm) and model[1][0] is model[0][0]
+    applied.undo()
+    assert type(model[0][0]) is nn.BatchNorm1d and model[1][0] is model[0][0]
+
+
+def test_summary_preview_shows_the_swapped_in_types():
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.BatchNorm1d(2))
+    policy = fk.Policy(fk.freeze("0", norm="frozen_bn"), fk.freeze("1", norm="train"))
+    preview = fk.summary(model, policy=policy)
+    policy.apply(model)
+    assert [r.type for r in preview.rows] == [r.type for r in fk.summary(model).rows] == \
+        ["FrozenBatchNorm", "BatchNorm1d"]
+
+
+def test_frozen_bn_swap_keeps_a_boundary_on_the_batchnorm():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 1))
+    first = fk.Policy(fk.detach("1", no_grad=False)).apply(model)
+    second = fk.Policy(fk.freeze("1", norm="frozen_bn")).apply(model)
+    model(torch.randn(4, 2)).sum().backward()
+    assert model[0].weight.grad is None and model[2].weight.grad is not None  # still cut at the BatchNorm
+    second.undo()
+    first.undo()
+    assert "forward" not in model[1].__dict__
+
+
+@pytest.mark.parametrize("before,after", [
+    (fk.freeze("1", norm="frozen_bn"), fk.freeze("1", norm="eval")),  # swapped, then swapped back and locked
+    (fk.eval_mode("1"), fk.freeze("1", norm="frozen_bn")),  # locked, then swapped
+])
+def test_undo_across_swaps_gives_the_mode_last_asked(before, after):
+    for call in (None, "train", "eval"):
+        model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+        handles = [fk.Policy(before).apply(model), fk.Policy(after).apply(model)]
+        if call:
+            getattr(model, call)()
+        for handle in reversed(handles):
+            handle.undo()
+        assert model[1].training == (call != "eval") and not _lock.is_locked(model[1]), call

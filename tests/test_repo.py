@@ -52,3 +52,13 @@ def test_every_relative_link_leads_to_a_file(page):
     links = [link for link in re.findall(r"\]\(([^)#\s]+)", text) if "://" not in link]
     missing = [link for link in links if not (ROOT / page).parent.joinpath(link).exists()]
     assert not missing, f"{page} links to missing files: {missing}"
+
+
+def test_every_test_named_in_the_guarantees_exists():
+    text = (ROOT / "docs" / "guarantees.md").read_text()
+    missing = []
+    for file, name in re.findall(r"`(test_\w+\.py)(?:::(\w+))?`", text):
+        source = ROOT / "tests" / file
+        if not source.exists() or (name and not re.search(rf"^def {name}\(", source.read_text(), re.M)):
+            missing.append(f"{file}::{name}" if name else file)
+    assert not missing, f"docs/guarantees.md names tests that do not exist: {missing}"

@@ -133,8 +133,8 @@ def _parse(text: str, file: str) -> Any:
         loader = _Loader(text)  # a character YAML does not allow raises here already
         data = loader.get_single_data()
     except RecursionError:  # aliases nested past the composer's guard
-        raise RecipeError([Problem(file, loader.line + 1, "", f"YAML: nested too deeply (more than {MAX_DEPTH} "
-                                                               "levels)")]) from None
+        line = (loader.line if loader else 0) + 1
+        raise RecipeError([Problem(file, line, "", f"YAML: nested more than {MAX_DEPTH} levels deep")]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         problem = e.problem or str(e)
