@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -42,6 +43,9 @@ def parse(spec: str) -> tuple[str, str]:
     if not isinstance(spec, str) or ":" not in spec or not all(spec.partition(":")[::2]):
         raise UnknownModelError(f"model {spec!r}: expected timm:NAME, torchvision:NAME or package.module:factory")
     source, _, name = spec.partition(":")
+    if source not in SOURCES and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", source):
+        raise UnknownModelError(f"model {spec!r}: {source!r} is not a module path; expected timm:NAME, "
+                                "torchvision:NAME or package.module:factory")
     return source, name
 
 

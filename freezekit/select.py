@@ -345,7 +345,7 @@ class Position(Selector):
         if members is None:
             r.unmatched.append(Unmatched(self, self.container, "module"))
         else:
-            chosen = members[: self.n] if self.which == "first" else members[len(members) - self.n:]
+            chosen = members[: self.n] if self.which == "first" else members[max(len(members) - self.n, 0):]
             hits[chosen] = True
         return idx.expand(hits)
 

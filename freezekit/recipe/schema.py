@@ -69,7 +69,7 @@ class Output(_Section):
 
 class Recipe(_Section):
     name: str | None = Field(None, description="default: the file's stem; one plain folder name (runs/NAME)")
-    seed: int = Field(0, ge=0, description="seeds data, initialization and augmentation")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds data, initialization and augmentation")
     model: Model
     data: Data = Field(default_factory=Data)
     policy: list[Any] = Field(default_factory=list, description="rules in order; the last that selects decides")
