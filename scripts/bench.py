@@ -11,6 +11,7 @@ alternating, and the median taken. Every run prints a table and writes JSON to b
 | summary | fk.summary of the same models | a bare named_parameters() walk | <= 3x |
 | step | a linear-probe step (resnet50, vit_small) | no_grad backbone + head, by hand | <= 1.03x time, memory |
 | runner | an epoch of `freezekit run` (quickstart) | a minimal loop: same model, data, optimizer | <= 1.05x |
+| ddp | quickstart images/s: 2 DDP processes of 1 thread, across a phase change | 1 process of 2 threads | >= 0.8x |
 | cache | ten epochs of a linear probe with cached features | the same without | >= 5x faster, same accuracy |
 | values | fk.detached on 1,000 nested tensors | a bare detach-clone loop | <= 1.2x |
 | verify | a resnet50 step inside fk.assert_frozen | the same step | <= 1.05x |
@@ -24,6 +25,8 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -340,7 +343,7 @@ def runner_epochs(epochs: int, train_size: int) -> tuple[float, float]:
         run(recipe, output=Path(folder) / "run", quiet=True)
         whole = time.perf_counter() - start
         lines = [json.loads(line) for line in (Path(folder) / "run" / "metrics.jsonl").read_text().splitlines()]
-    return sum(r["seconds"] for r in lines if r.get("split") == "train"), whole
+    return sum(r["seconds"] for r in lines if r.get("split") in ("train", "val")), whole
 
 
 @app.command()
@@ -359,6 +362,41 @@ def runner(quick: bool = QUICK, smoke: bool = SMOKE) -> dict[str, Any]:
     show(rows, ["train_images", "hand_s", "runner_epoch_s", "ratio", "runner_with_setup_s"])
     result = {"worst": o / h, "target": 1.05, "verdict": verdict(o / h, 1.05)}
     save("runner", rows, result)
+    return result
+
+
+def _samples_per_second(processes: int, threads: int, overrides: list[str], train_size: int) -> float:
+    """Training images per second of `freezekit run` on the quickstart, in ``processes`` processes of
+    ``threads`` threads each (under torchrun when more than one), from the run's own epoch records."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+              "-m", "freezekit"] if processes > 1 else [sys.executable, "-m", "freezekit"]
+    with tempfile.TemporaryDirectory() as folder:
+        sets = [item for o in overrides for item in ("--set", o)]
+        subprocess.run([*launch, "run", str(ROOT / "recipes" / "quickstart.yaml"), "--output", f"{folder}/run",
+                        "--quiet", *sets], check=True, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        lines = [json.loads(line) for line in (Path(folder) / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if r.get("split") == "train"]
+    return train_size * len(epochs) / sum(r["seconds"] for r in epochs)
+
+
+@app.command()
+def ddp(quick: bool = QUICK, smoke: bool = SMOKE) -> dict[str, Any]:
+    """2 DDP processes of one thread / 1 process of two threads: training images per second of the
+    quickstart across a phase change (layer1 unfrozen after the first epoch, DDP rebuilt)."""
+    train_size = 128 if smoke else (1024 if quick else 2048)
+    overrides = [f"train.epochs={2 if smoke else 3}", f"data.train_size={train_size}", "data.val_size=64",
+                 "schedule=[{at: 1, policy: [{unfreeze: layer1}]}]"]
+    runs: dict[str, list[float]] = {"single": [], "ddp": []}
+    for _ in range(1 if smoke or quick else 3):
+        runs["single"].append(_samples_per_second(1, 2, overrides, train_size))
+        runs["ddp"].append(_samples_per_second(2, 1, overrides, train_size))
+    single, both = statistics.median(runs["single"]), statistics.median(runs["ddp"])
+    rows = [{"train_images": train_size, "one_process_2_threads": single, "ddp_2x1_thread": both,
+             "ratio": both / single}]
+    show(rows, list(rows[0]))
+    result = {"worst": both / single, "target": 0.8, "verdict": verdict(both / single, 0.8, larger_is_better=True)}
+    save("ddp", rows, result)
     return result
 
 
@@ -460,13 +498,13 @@ def verify(quick: bool = QUICK, smoke: bool = SMOKE) -> dict[str, Any]:
 def run_all(quick: bool = QUICK, smoke: bool = SMOKE) -> None:
     """Every benchmark in turn, then each ratio against its target."""
     outcomes = {}
-    for name, fn in (("apply", apply), ("summary", summary), ("step", step), ("runner", runner), ("cache", cache),
-                     ("values", values), ("verify", verify)):
+    for name, fn in (("apply", apply), ("summary", summary), ("step", step), ("runner", runner), ("ddp", ddp),
+                     ("cache", cache), ("values", values), ("verify", verify)):
         print(f"\n== {name}")
         outcomes[name] = fn(quick=quick, smoke=smoke)
     print("\n== against the targets")
     for name, r in outcomes.items():
-        sense = ">=" if name == "cache" else "<="
+        sense = ">=" if name in ("cache", "ddp") else "<="
         print(f"  {name:<8} {r['worst']:7.3f}  (target {sense} {r['target']})  {r['verdict']}")
 
 

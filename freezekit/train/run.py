@@ -408,19 +408,20 @@ def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, 
             r.phase_changed(events)
         start = time.perf_counter()
         train = r.train_epoch()
+        trained = time.perf_counter()
         val = r.evaluate()
         if not math.isfinite(val["loss"]):  # the last step broke the model: it must not be saved as good
             raise RunError(f"the validation loss is {val['loss']} after epoch {r.epoch} step {r.step}; "
                            f"{r.last_good()}")
-        seconds = time.perf_counter() - start
+        seconds = {"train": trained - start, "val": time.perf_counter() - trained}  # each split's own time
         lr = r.optimizer.param_groups[0]["lr"]
         cached = r.cache is not None
         for split, values in (("train", train), ("val", val)):
-            r.record({"epoch": r.epoch, "split": split, **values, "step": r.step, "lr": lr, "seconds": seconds,
+            r.record({"epoch": r.epoch, "split": split, **values, "step": r.step, "lr": lr, "seconds": seconds[split],
                       "cached_features": cached})
         reporter.end_epoch(f"epoch {r.epoch + 1}/{recipe.train.epochs}: train loss {train['loss']:.4f} "
                            f"acc {train['accuracy']:.1%} | val loss {val['loss']:.4f} acc {val['accuracy']:.1%} "
-                           f"| {seconds:.1f}s" + (" (cached features)" if cached else ""))
+                           f"| {sum(seconds.values()):.1f}s" + (" (cached features)" if cached else ""))
         if r.epoch == recipe.train.epochs - 1:
             r.verify_in_sync("the last epoch")
         improved = val["accuracy"] > r.best
