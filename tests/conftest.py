@@ -4,6 +4,7 @@ and a few small hand-built modules with the shapes that break naive freezing cod
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import timm
@@ -37,6 +38,26 @@ def flags(model: nn.Module) -> dict[str, bool]:
 
 def modes(model: nn.Module) -> dict[str, bool]:
     return {n: m.training for n, m in model.named_modules()}
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group, for wrappers that need one (DDP, FSDP2)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class RunsCode:
+    """Unpickling this touches ``marker``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

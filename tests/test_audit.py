@@ -66,15 +66,6 @@ def test_fk004_drifting_statistics_unless_chosen():
     assert all("_freezekit_stats_adapt" not in m.__dict__ for m in chosen.modules())
 
 
-@pytest.fixture
-def process_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_fk005_ddp_built_for_another_trainable_set(process_group):
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import RunsCode
 from typer.testing import CliRunner
 
 import freezekit.train.checkpoint as ckpt
@@ -204,14 +205,6 @@ def test_a_full_disk_while_recording_metrics_is_one_line(tmp_path, monkeypatch):
 # -- bad checkpoints on --resume
 
 
-class _Code:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def _corrupt(kind: str, path: Path, marker: Path) -> None:
     good = path.read_bytes()
     if kind == "truncated":
@@ -227,11 +220,11 @@ def _corrupt(kind: str, path: Path, marker: Path) -> None:
     elif kind == "tensor":
         torch.save(torch.zeros(3), path)
     elif kind == "pickled code":
-        path.write_bytes(pickle.dumps(_Code(marker), protocol=2))
+        path.write_bytes(pickle.dumps(RunsCode(marker), protocol=2))
     elif kind == "pickle":
-        path.write_bytes(pickle.dumps({"epoch": 2, "code": _Code(marker)}))
+        path.write_bytes(pickle.dumps({"epoch": 2, "code": RunsCode(marker)}))
     elif kind == "torch file with code":
-        torch.save({"model": _Code(marker)}, path)
+        torch.save({"model": RunsCode(marker)}, path)
     elif kind == "incomplete":
         torch.save({"format": "freezekit-run", "version": 1, "epoch": 2}, path)
     elif kind == "newer version":

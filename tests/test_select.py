@@ -181,15 +181,6 @@ def test_names_through_compiled_and_checkpointed_submodules(resnet18):
     assert isinstance(resnet18.layer4[1]._checkpoint_wrapped_module.bn1, nn.BatchNorm2d)
 
 
-@pytest.fixture
-def process_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_names_through_ddp_and_fsdp2(process_group):
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
