@@ -34,7 +34,7 @@ import torch.nn as nn
 from . import boundary as _boundary
 from .index import ModelIndex, _wrapper_attr
 from .lock import is_locked
-from .norm import STATS_ADAPT, FrozenBatchNorm, is_norm
+from .norm import STATS_ADAPT, FrozenBatchNorm
 
 __all__ = ["Finding", "Findings", "audit"]
 
@@ -107,7 +107,7 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> F
 
 def _drifting_norms(index: ModelIndex) -> list[Finding]:
     drifting = []
-    for u in (index.class_mask(is_norm) & index.running_stats).nonzero()[0].tolist():
+    for u in index.norm_stats.nonzero()[0].tolist():
         module = index.modules[u]
         own = [p for p in module._parameters.values() if p is not None]
         frozen = own and not any(p.requires_grad for p in own)

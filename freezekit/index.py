@@ -15,6 +15,7 @@ FSDP2 (``fully_shard``) keeps the model's own names and needs nothing.
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -22,8 +23,8 @@ from functools import cached_property
 import numpy as np
 import torch.nn as nn
 
-from .names import NameList, fixed_start
-from .norm import has_running_stats
+from .names import NameList
+from .norm import is_norm, keeps_running_stats
 
 __all__ = ["ModelIndex", "gc_paused", "unwrap"]
 
@@ -38,6 +39,12 @@ _WRAPPERS = {
         "_checkpoint_wrapped_module",
 }
 _wrapper_attr_cache: dict[type, str | None] = {}
+# Every module class seen, numbered in order of first sight. The walk reads one code per module:
+# the class's number, -1 for a wrapper class, or -2 - number for a norm layer, whose running
+# statistics are read right then. A test on classes (norm? BatchNorm?) runs once per class.
+_class_code: dict[type, int] = {}
+_numbered: list[type] = []
+_numbering = threading.Lock()
 
 
 def _wrapper_attr(cls: type) -> str | None:
@@ -47,6 +54,35 @@ def _wrapper_attr(cls: type) -> str | None:
         attr = next((a for c in cls.__mro__ if (a := _WRAPPERS.get((c.__module__, c.__qualname__)))), None)
         _wrapper_attr_cache[cls] = attr
         return attr
+
+
+def _code(cls: type) -> int:
+    """The walk's code for module class ``cls``, which is numbered at first sight."""
+    code = _class_code.get(cls)
+    if code is None:
+        with _numbering:
+            code = _class_code.get(cls)
+            if code is None:
+                if _wrapper_attr(cls) is not None:
+                    code = -1
+                else:
+                    code = len(_numbered)
+                    _numbered.append(cls)
+                    if is_norm(cls):
+                        code = -2 - code
+                _class_code[cls] = code
+    return code
+
+
+def class_number(cls: type) -> int:
+    """The number of module class ``cls`` (not a wrapper): its position in :func:`numbered_classes`."""
+    code = _code(cls)
+    return code if code >= 0 else -2 - code
+
+
+def numbered_classes() -> list[type]:
+    """Every module class numbered so far, by number."""
+    return _numbered
 
 
 def _inside_wrappers(module: nn.Module) -> nn.Module:
@@ -104,51 +140,52 @@ class ModelIndex:
 
     def _walk(self, root: nn.Module) -> None:
         # The walk is the hot loop of every apply: locals only, one iterator per container, no
-        # per-module tuple (they would wake the garbage collector). Order is named_modules()'s.
+        # per-module tuple (they would wake the garbage collector). What planning needs of a module
+        # is read now, while the module is in cache; a later pass over 100k modules scattered in
+        # memory costs more than the walk. Order is named_modules()'s.
         occ: list[nn.Module] = [root]
         mod_names: list[str] = [""]
         mod_parent: list[int] = [-1]
         mod_pstart: list[int] = [0]
-        mod_cls: list[type] = [type(root)]
-        mod_training: list[bool] = [root.training]
+        mod_end: list[int] = [0]  # set when the root's children are done
+        code = _code(root.__class__)
+        mod_cls: list[int] = [code if code >= 0 else -2 - code]
+        with_stats: list[int] = [0] if code < -1 and keeps_running_stats(root) else []
         with_train: list[int] = [0] if "train" in root.__dict__ else []  # may hold an eval lock
         with_forward: list[int] = [0] if "forward" in root.__dict__ else []  # may hold a boundary
-        with_stats: list[int] = [0] if has_running_stats(root) else []
         par_occ: list[nn.Parameter] = [p for p in root._parameters.values() if p is not None]
         par_names: list[str] = [k for k, p in root._parameters.items() if p is not None]
-        par_rg: list[bool] = [p.requires_grad for p in par_occ]
-        with_grad: list[int] = [j for j, p in enumerate(par_occ) if p.grad is not None]
         add_mod, add_name, add_parent, add_pstart = occ.append, mod_names.append, mod_parent.append, mod_pstart.append
-        add_cls, add_par, add_pname, add_rg = mod_cls.append, par_occ.append, par_names.append, par_rg.append
-        wrapper_of = _wrapper_attr_cache.get
-        n_par, i = len(par_occ), 1
+        add_end, add_cls, add_par, add_pname = mod_end.append, mod_cls.append, par_occ.append, par_names.append
+        code_of = _class_code.get
+        n_par, i = len(par_occ), 1  # i: the occurrence number of the next module
         stack = [(iter(root._modules.items()), "", 0)]
         while stack:
             children, prefix, parent = stack[-1]
             for key, module in children:
                 if module is None:
                     continue
-                cls = module.__class__
-                if wrapper_of(cls, 0) is not None:  # an unseen class (0), or a wrapper
-                    module = _inside_wrappers(module)
-                    cls = module.__class__
-                # Read what planning needs now, while the module is in cache: a later pass over
-                # 100k modules scattered in memory costs more than the whole walk.
+                code = code_of(module.__class__, -1)
+                if code < 0:  # a wrapper, a class not seen before, or a norm layer
+                    if code == -1:
+                        module = _inside_wrappers(module)
+                        code = _code(module.__class__)
+                    if code < -1:
+                        code = -2 - code
+                        if keeps_running_stats(module):
+                            with_stats.append(i)
+                add_cls(code)
                 state = module.__dict__
                 name = prefix + key
                 add_mod(module)
                 add_name(name)
                 add_parent(parent)
                 add_pstart(n_par)
-                add_cls(cls)
-                mod_training.append(state.get("training", True))
+                add_end(i + 1)  # a leaf's; a container's is set when its children are done
                 if "train" in state:
                     with_train.append(i)
                 if "forward" in state:
                     with_forward.append(i)
-                buffers = state.get("_buffers")
-                if buffers and (buffers.get("running_mean") is not None or buffers.get("running_var") is not None):
-                    with_stats.append(i)  # what norm="eval" locks, see norm.has_running_stats
                 own = state.get("_parameters")
                 if own is None:
                     own = module._parameters
@@ -157,45 +194,58 @@ class ModelIndex:
                         if p is not None:
                             add_par(p)
                             add_pname(f"{name}.{pname}")
-                            add_rg(p.requires_grad)
-                            if p.grad is not None:
-                                with_grad.append(n_par)
                             n_par += 1
-                i += 1
                 sub = state.get("_modules")
                 if sub is None:
                     sub = module._modules
+                i += 1
                 if sub:  # descend; this iterator resumes when that subtree is done
                     stack.append((iter(sub.items()), name + ".", i - 1))
                     break
             else:
                 stack.pop()
+                mod_end[parent] = i
         mod_pstart.append(n_par)
 
         self.mod_names, self.par_names = mod_names, par_names
         self.n_mod_occ = len(mod_names)
         self.names = NameList(mod_names + par_names)  # every name, modules first: one scan per pattern
-        self.mod_parent = np.asarray(mod_parent, dtype=np.int64)
-        self.mod_pstart = np.asarray(mod_pstart, dtype=np.int64)
-        self.mod_end = np.arange(len(occ), dtype=np.int64) + _subtree_sizes(self.mod_parent)
+        self._parent = mod_parent
+        self.mod_pstart = np.array(mod_pstart, dtype=np.int64)
+        self.mod_end = np.array(mod_end, dtype=np.int64)
         self.mod_uid, self.modules, self.module_names = _dedup(occ, mod_names)
         self.par_uid, self.params, self.param_names = _dedup(par_occ, par_names)
-        # Per unique object, as read during the walk (shared objects: the same object each time).
-        first_mod = np.zeros(self.n_modules, dtype=np.int64)
-        first_mod[self.mod_uid[::-1]] = np.arange(len(occ) - 1, -1, -1)
-        self._module_classes = mod_cls if len(occ) == self.n_modules else [mod_cls[i] for i in first_mod.tolist()]
-        self.training = np.array(mod_training, dtype=bool)[first_mod]  # each module's mode, as walked
-        first_par = np.zeros(self.n_params, dtype=np.int64)
-        first_par[self.par_uid[::-1]] = np.arange(len(par_occ) - 1, -1, -1)
-        self.requires_grad = np.array(par_rg, dtype=bool)[first_par]  # before any change
-        self.has_grad = np.zeros(self.n_params, dtype=bool)
-        self.has_grad[self.par_uid[with_grad]] = True
-        self.maybe_locked = np.zeros(self.n_modules, dtype=bool)
-        self.maybe_locked[self.mod_uid[with_train]] = True
-        self.maybe_cut = np.zeros(self.n_modules, dtype=bool)
-        self.maybe_cut[self.mod_uid[with_forward]] = True
-        self.running_stats = np.zeros(self.n_modules, dtype=bool)
-        self.running_stats[self.mod_uid[with_stats]] = True
+        self._class_numbers = mod_cls
+        self.norm_stats = self._marked(with_stats)  # norm layers that keep running statistics
+        self.maybe_locked = self._marked(with_train)
+        self.maybe_cut = self._marked(with_forward)
+
+    def _marked(self, occurrences: list[int]) -> np.ndarray:
+        mask = np.zeros(self.n_modules, dtype=bool)
+        if occurrences:
+            mask[self.mod_uid[occurrences]] = True
+        return mask
+
+    @cached_property
+    def mod_parent(self) -> np.ndarray:
+        """Module occurrence -> occurrence of its parent (-1 for the root)."""
+        return np.array(self._parent, dtype=np.int64)
+
+    @cached_property
+    def requires_grad(self) -> np.ndarray:
+        """Each unique parameter's ``requires_grad``, as read at first use (``apply`` reads it as it
+        changes it, in the same pass)."""
+        return np.array([p.requires_grad for p in self.params], dtype=bool)
+
+    @cached_property
+    def training(self) -> np.ndarray:
+        """Each unique module's ``training`` flag, as read at first use."""
+        return np.array([m.training for m in self.modules], dtype=bool)
+
+    @cached_property
+    def has_grad(self) -> np.ndarray:
+        """Unique parameters that hold a ``.grad``, as read at first use."""
+        return np.array([p.grad is not None for p in self.params], dtype=bool)
 
     @property
     def n_modules(self) -> int:
@@ -208,45 +258,6 @@ class ModelIndex:
     @property
     def model_name(self) -> str:
         return type(self.root).__name__
-
-    def glob(self, pattern: str) -> np.ndarray:
-        """Mask over :attr:`names` of the names that fully match a shell-style pattern."""
-        head = fixed_start(pattern)
-        if head and pattern == head + "*" and self.names.blob is not None:
-            return self._starting_with(head)
-        return self.names.glob(pattern)
-
-    def _starting_with(self, head: str) -> np.ndarray:
-        """Names that start with ``head`` (the glob ``head*``). A module that does brings its whole
-        subtree, which is marked at once and jumped over in the blob instead of visited name by name."""
-        names, blob, lines = self.names.names, self.names.blob, self.names.newlines
-        needle, n_mod = "\n" + head, self.n_mod_occ
-        hits = np.zeros(len(names), dtype=bool)
-        params_from = int(lines[n_mod])  # the newline before the first parameter name
-        covered: list[tuple[int, int]] = []  # parameter ranges marked with their modules, in order
-        at = blob.find(needle)
-        while 0 <= at < params_from:
-            k = int(np.searchsorted(lines, at))
-            end = int(self.mod_end[k])
-            hits[k:end] = True
-            first, stop = int(self.mod_pstart[k]), int(self.mod_pstart[end])
-            if stop > first:
-                hits[n_mod + first: n_mod + stop] = True
-                covered.append((first, stop))
-            at = blob.find(needle, int(lines[end]))
-        at = blob.find(needle, params_from)
-        ranges = iter(covered)
-        current = next(ranges, None)
-        while at >= 0:  # parameters whose module did not match, e.g. "fc.w*"
-            j = int(np.searchsorted(lines, at)) - n_mod
-            while current is not None and current[1] <= j:
-                current = next(ranges, None)
-            if current is not None and current[0] <= j:
-                at = blob.find(needle, int(lines[n_mod + current[1]]))
-                continue
-            hits[n_mod + j] = True
-            at = blob.find(needle, at + 1)
-        return hits
 
     def expand(self, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Resolve matched names (a mask over :attr:`names`) to unique (module mask, parameter mask).
@@ -283,21 +294,25 @@ class ModelIndex:
         return outside == 0
 
     @cached_property
-    def _classes(self) -> tuple[list[type], np.ndarray]:
-        of_module = self._module_classes
-        classes = list(dict.fromkeys(of_module))
-        number = {cls: i for i, cls in enumerate(classes)}
-        return classes, np.fromiter(map(number.__getitem__, of_module), dtype=np.int64, count=len(of_module))
+    def class_of(self) -> np.ndarray:
+        """Each unique module's class, as its number in :func:`numbered_classes`."""
+        of = np.array(self._class_numbers, dtype=np.int64)
+        if len(of) != self.n_modules:  # shared modules: each under its first occurrence
+            first = np.zeros(self.n_modules, dtype=np.int64)
+            first[self.mod_uid[::-1]] = np.arange(len(of) - 1, -1, -1)
+            of = of[first]
+        return of
 
-    @property
-    def classes(self) -> list[type]:
-        """The distinct classes of the model's modules."""
-        return self._classes[0]
+    @cached_property
+    def _present(self) -> list[int]:
+        return np.bincount(self.class_of).nonzero()[0].tolist()
 
     def class_mask(self, test: Callable[[type], bool]) -> np.ndarray:
         """Unique-module mask of the modules whose class passes ``test`` (called once per class)."""
-        classes, of = self._classes
-        return np.array([bool(test(c)) for c in classes], dtype=bool)[of]
+        present = self._present
+        table = np.zeros(present[-1] + 1, dtype=bool)
+        table[present] = [bool(test(_numbered[c])) for c in present]
+        return table[self.class_of]
 
     def children(self, occurrence: int) -> list[int]:
         """Occurrence indices of the direct children of ``occurrence``, in order."""
@@ -340,41 +355,16 @@ class ModelIndex:
         return holder, key
 
 
-def _subtree_sizes(parent: np.ndarray) -> np.ndarray:
-    """Size of each node's subtree, itself included, from the parent of each node in pre-order."""
-    n = len(parent)
-    has_parent = parent >= 0
-    depth = np.zeros(n, dtype=np.int64)
-    while True:  # one pass per level of nesting
-        deeper = np.where(has_parent, depth[np.maximum(parent, 0)] + 1, 0)
-        if np.array_equal(deeper, depth):
-            break
-        depth = deeper
-    size = np.ones(n, dtype=np.int64)
-    order = np.argsort(-depth, kind="stable")
-    for level in np.split(order, np.flatnonzero(np.diff(depth[order])) + 1):  # deepest level first
-        level = level[has_parent[level]]
-        if len(level):
-            size += np.bincount(parent[level], weights=size[level], minlength=n).astype(np.int64)
-    return size
-
-
 def _dedup(objects: list, names: list[str]) -> tuple[np.ndarray, list, list[str]]:
     """Unique ``objects`` by identity, in first-seen order, with the name of each one's first
     occurrence, and the map from each occurrence to its unique index."""
-    try:  # modules hash by identity unless a class says otherwise: a cheap first test
-        distinct = len(set(objects)) == len(objects) if isinstance(objects[0], nn.Module) else False
-    except TypeError:
+    try:  # a set compares identity first: if it holds as many as the list, nothing is shared
+        distinct = bool(objects) and isinstance(objects[0], nn.Module) and len(set(objects)) == len(objects)
+    except TypeError:  # an unhashable module class
         distinct = False
-    ids = None
-    if not distinct:
-        ids = np.array(list(map(id, objects)), dtype=np.int64)
-        ordered = np.sort(ids)
-        distinct = not (ordered[1:] == ordered[:-1]).any()
-    if distinct:  # the common case: nothing shared
+    ids = None if distinct else list(map(id, objects))  # tensors hash in Python: ids are cheaper
+    if distinct or len(set(ids)) == len(ids):  # the common case: nothing shared
         return np.arange(len(objects), dtype=np.int64), objects, names
-    if ids is None:
-        ids = np.array(list(map(id, objects)), dtype=np.int64)
     _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")
     rank = np.empty_like(order)

@@ -8,20 +8,18 @@ survives ``copy.deepcopy`` and pickling, and needs no hook.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch.nn as nn
 
-__all__ = ["EvalLock", "asked", "is_locked", "lock", "unlock"]
+__all__ = ["EvalLock", "asked", "is_locked", "lock", "lock_all", "unlock"]
 
 
 class EvalLock:
-    """The ``train`` of a locked module. Remembers the mode last asked of it, for :func:`unlock`."""
+    """The ``train`` of a locked module (made by :func:`lock`). Remembers the mode last asked of it,
+    and any instance-level ``train`` it replaced, for :func:`unlock`."""
 
     __slots__ = ("asked", "module", "previous")
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.asked = module.training
-        self.previous = module.__dict__.get("train")  # someone else's instance-level train, kept
 
     def __call__(self, mode: bool = True) -> nn.Module:
         if not isinstance(mode, bool):
@@ -52,13 +50,24 @@ def asked(module: nn.Module) -> bool:
 def lock(module: nn.Module, existing: EvalLock | None = None) -> EvalLock:
     """Lock ``module`` in eval mode (modifies it in place); ``existing`` re-installs a removed lock."""
     if existing is None:
-        existing = EvalLock(module)
-    else:
-        existing.asked = module.training  # the module followed the model while it was unlocked
+        lock_all((module,))
+        return module.__dict__["train"]
+    existing.asked = module.training  # the module followed the model while it was unlocked
     # Plain attribute writes: nn.Module.__setattr__ has nothing to do for these and costs 5x more.
     module.__dict__["train"] = existing
     module.__dict__["training"] = False
     return existing
+
+
+def lock_all(modules: Iterable[nn.Module]) -> None:
+    """Lock each of ``modules`` in eval mode (modifies them in place): an apply's loop, kept tight."""
+    make = EvalLock.__new__
+    for module in modules:
+        state = module.__dict__
+        new = make(EvalLock)
+        new.module, new.asked, new.previous = module, module.training, state.get("train")
+        state["train"] = new
+        state["training"] = False
 
 
 def unlock(module: nn.Module) -> EvalLock:

@@ -16,7 +16,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-__all__ = ["NameList", "fixed_start", "glob_to_regex", "is_literal"]
+__all__ = ["NameList", "glob_to_regex", "is_literal"]
 
 _ANY = "[^\n]*"
 
@@ -78,12 +78,6 @@ def glob_to_regex(pattern: str) -> str:
     return "".join(_glob_tokens(pattern))
 
 
-def fixed_start(pattern: str) -> str:
-    """The characters of a glob before its first wildcard or bracket."""
-    cut = [i for i in (pattern.find(c) for c in "*?[]") if i >= 0]
-    return pattern[: min(cut)] if cut else pattern
-
-
 def is_literal(pattern: str) -> bool:
     """True if a glob pattern has no wildcard and so names exactly one thing."""
     return not any(c in pattern for c in "*?[")
@@ -97,7 +91,11 @@ class NameList:
 
     def find(self, name: str, stop: int | None = None) -> int | None:
         """Position of ``name`` (among the first ``stop`` names), or None."""
-        try:  # a C scan: cheaper than building a dict for a few lookups
+        if "blob" in self.__dict__ and self.blob is not None and "\n" not in name:
+            at = self.blob.find(f"\n{name}\n")  # names are unique: the first is the one
+            k = int(np.searchsorted(self.newlines, at)) if at >= 0 else None
+            return k if k is not None and (stop is None or k < stop) else None
+        try:  # a C scan: cheaper than joining the blob for a few lookups
             return self.names.index(name, 0, len(self.names) if stop is None else stop)
         except ValueError:
             return None
@@ -128,26 +126,38 @@ class NameList:
 
     def glob(self, pattern: str) -> np.ndarray:
         """Boolean mask of the names that fully match the shell-style ``pattern``."""
+        pattern = _STARS.sub("*", pattern)  # "**" is "*"
         if pattern == "*":
             return np.ones(len(self.names), dtype=bool)
         if is_literal(pattern):
             return self.exact(pattern)
-        tokens = _glob_tokens(pattern)
-        if tokens[0] == _ANY and tokens[-1] != _ANY and self.blob is not None:
-            # "*.bias": scan the reversed names for "saib.*", which starts with a literal.
-            mask = self._lines("".join(reversed(tokens)), reverse=True, literal=fixed_start(pattern[::-1]))
-        else:
-            mask = self._lines("".join(tokens), literal=fixed_start(pattern))
+        if self.blob is None or "\n" in pattern:
+            return self._each(re.compile(fnmatch.translate(pattern)))
+        parts = pattern.split("*")
+        if not any(c in pattern for c in "?[") and len(parts) <= 3:
+            head, tail = parts[0], parts[-1]
+            if len(parts) == 3 and not head and not tail:  # "*LIT*": the names that hold LIT
+                return self._lines_at(self._occurrences(parts[1]))
+            if len(parts) == 2:  # "HEAD*", "*TAIL", "HEAD*TAIL"
+                starts = self._lines_at(self._occurrences("\n" + head)) if head else None
+                ends = self._lines_at(self._occurrences(tail + "\n")) if tail else None
+                if starts is None or ends is None:
+                    return ends if starts is None else starts
+                return starts & ends & (np.diff(self.newlines) > len(head) + len(tail))  # not overlapping
+        mask = self._check(_line_regex(glob_to_regex(pattern), 0), _longest_literal(pattern))
         return mask if mask is not None else self._each(re.compile(fnmatch.translate(pattern)))
 
     def regex(self, compiled: re.Pattern[str]) -> np.ndarray:
         """Boolean mask of the names that ``compiled.fullmatch``."""
         mask = None
-        if not _LOOKS_AROUND.search(compiled.pattern):
+        if self.blob is not None and not _LOOKS_AROUND.search(compiled.pattern):
             try:
-                mask = self._lines(f"(?:{compiled.pattern})", compiled.flags)
+                line = _line_regex(f"(?:{compiled.pattern})", compiled.flags)
             except re.error:  # e.g. global inline flags, which cannot sit inside a group
-                mask = None
+                line = None
+            if line is not None:
+                head = "" if compiled.flags & (re.IGNORECASE | re.VERBOSE) else _regex_head(compiled.pattern)
+                mask = self._check(line, "\n" + head if head else "")
         return mask if mask is not None else self._each(compiled)
 
     def _each(self, compiled: re.Pattern[str]) -> np.ndarray:
@@ -156,42 +166,92 @@ class NameList:
     @cached_property
     def newlines(self) -> np.ndarray:
         """Character offset in the blob of the newline before each name, and of the last newline."""
+        if self.blob is not None and self.blob.isascii():  # characters are bytes: numpy finds them
+            return np.flatnonzero(np.frombuffer(self.blob.encode("ascii"), dtype=np.uint8) == 10)
         lengths = np.fromiter(map(len, self.names), dtype=np.int64, count=len(self.names)) + 1
         return np.concatenate(([0], np.cumsum(lengths)))
 
-    @cached_property
-    def _reversed_blob(self) -> str:
-        return self.blob[::-1]  # the names reversed, last first
+    def _occurrences(self, literal: str) -> np.ndarray:
+        """Blob offsets of the non-overlapping occurrences of ``literal``, found in C by one split."""
+        pieces = self.blob.split(literal)
+        lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces) - 1) + len(literal)
+        return np.cumsum(lengths) - len(literal)
 
-    def _lines(self, body: str, flags: int = 0, reverse: bool = False, literal: str = "") -> np.ndarray | None:
-        """Mask of the names that ``body`` matches whole; None where the blob cannot answer (no blob,
-        or a match ran across lines, which a user's ``\\s`` or ``[^x]`` can do).
+    def _lines_at(self, offsets: np.ndarray) -> np.ndarray:
+        """Mask of the names whose line holds any of the blob ``offsets`` (a name's line starts at
+        the newline before it)."""
+        mask = np.zeros(len(self.names), dtype=bool)
+        mask[np.searchsorted(self.newlines, offsets, side="right") - 1] = True
+        return mask
 
-        Names that start with ``literal`` (the pattern's fixed start) are few: ``str.find`` jumps
-        to each and the regex checks it there. Otherwise one scan marks every matching line with a
-        NUL and numpy finds the marked lines."""
-        if self.blob is None:
-            return None
-        blob = self._reversed_blob if reverse else self.blob
-        regex = _line_regex(body, flags)
+    def _check(self, line: re.Pattern[str], literal: str) -> np.ndarray | None:
+        """Mask of the names that the line regex ``line`` matches whole; None where the blob cannot
+        answer (a match ran across lines, which a user's ``\\s`` or ``[^x]`` can do).
+
+        The names that hold ``literal``, a piece of the blob every match holds, are found first;
+        if they are few, the regex checks only those. Otherwise one scan marks every matching line
+        with a NUL and numpy finds the marked lines."""
+        blob = self.blob
         if literal:
-            needle = "\n" + literal
-            if blob.count(needle) * 32 < len(self.names):
-                found, at = [], blob.find(needle)
-                while at >= 0:
-                    if regex.match(blob, at):
-                        found.append(at)
-                    at = blob.find(needle, at + 1)
+            candidates = np.flatnonzero(self._lines_at(self._occurrences(literal)))
+            if len(candidates) * 8 < len(self.names):
                 mask = np.zeros(len(self.names), dtype=bool)
-                lines = (len(blob) - 1 - self.newlines)[::-1] if reverse else self.newlines
-                mask[np.searchsorted(lines, found)] = True
-                return mask[::-1] if reverse else mask
-        chars = np.frombuffer(regex.sub("\n\0", blob).encode(), dtype=np.uint8)
+                starts = self.newlines[candidates].tolist()
+                mask[[k for k, at in zip(candidates.tolist(), starts) if line.match(blob, at)]] = True
+                return mask
+        chars = np.frombuffer(line.sub("\n\0", blob).encode(), dtype=np.uint8)
         starts = (chars == 10).nonzero()[0][:-1] + 1
         if len(starts) != len(self.names):
             return None
-        mask = chars[starts] == 0
-        return mask[::-1] if reverse else mask
+        return chars[starts] == 0
+
+
+def _longest_literal(pattern: str) -> str:
+    """The longest run of plain characters in a glob, with a newline on the side where it is the
+    pattern's start or end: a piece of the blob that holds every match's line."""
+    best, run, start, i, n = "", "", 0, 0, len(pattern)
+    while i <= n:
+        end = i  # where the wildcard at i ends
+        if i < n and pattern[i] == "[":  # one character; an unclosed bracket is literal, as in fnmatch
+            j = i + 1
+            j += pattern[j: j + 1] == "!"
+            j += pattern[j: j + 1] == "]"
+            end = pattern.find("]", j)
+        if i == n or pattern[i] in "*?" or end > i:
+            if run:
+                piece = ("\n" if start == 0 else "") + run + ("\n" if i == n else "")
+                best = max(best, piece, key=len)
+            run, i = "", end + 1
+            start = i
+        else:
+            run += pattern[i]
+            i += 1
+    return best
+
+
+_STARS = re.compile(r"\*+")
+# Characters that stand for themselves in a regex; escaped, these do too: \. \- \_ \/
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-/:,;<>=!@#%&~`' \"")
+
+
+def _regex_head(pattern: str) -> str:
+    """The literal start that every match of a regex begins with ("" where none is sure)."""
+    if "|" in pattern:
+        return ""
+    head, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c in _PLAIN:
+            head.append(c)
+            i += 1
+        elif c == "\\" and pattern[i + 1: i + 2] in (".", "-", "_", "/"):
+            head.append(pattern[i + 1])
+            i += 2
+        else:
+            if c in "*?{" and head:  # the last character is optional or repeated
+                head.pop()
+            break
+    return "".join(head)
 
 
 @lru_cache(maxsize=4096)

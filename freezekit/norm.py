@@ -20,7 +20,8 @@ from .lock import asked
 # fk.audit does not report them as drifting.
 STATS_ADAPT = "_freezekit_stats_adapt"
 
-__all__ = ["FrozenBatchNorm", "FrozenBatchNormAct", "can_swap", "has_running_stats", "is_norm", "may_swap"]
+__all__ = ["FrozenBatchNorm", "FrozenBatchNormAct", "can_swap", "has_running_stats", "is_norm", "keeps_running_stats",
+           "may_swap"]
 
 _TORCH_NORMS: tuple[type, ...] = tuple(
     cls for cls in (
@@ -72,6 +73,14 @@ def has_running_stats(module: nn.Module) -> bool:
     """True if ``module`` keeps running statistics that training mode would update."""
     buffers = module._buffers
     return buffers.get("running_mean") is not None or buffers.get("running_var") is not None
+
+
+def keeps_running_stats(module: nn.Module) -> bool:
+    """:func:`has_running_stats`, read from ``track_running_stats`` where torch's norm layers keep
+    that flag: the module's own dict, which is at hand when a walk reaches it."""
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return bool(module.__dict__.get("track_running_stats"))
+    return has_running_stats(module)
 
 
 def _key(cls: type) -> tuple[str, str]:

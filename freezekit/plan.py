@@ -19,7 +19,7 @@ from . import boundary as _boundary
 from . import lock as _lock
 from .errors import NoMatchError, closest
 from .index import ModelIndex
-from .norm import STATS_ADAPT, FrozenBatchNorm, frozen_class, is_frozen_bn, is_norm, may_swap
+from .norm import FrozenBatchNorm, frozen_class, is_frozen_bn, is_norm, may_swap
 from .rules import Rule
 from .select import Resolver, Selector, Unmatched
 
@@ -63,7 +63,7 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
     def norm_masks() -> dict[str, np.ndarray]:
         if not norm_state:
             norm = index.class_mask(is_norm)
-            stats = norm & index.running_stats
+            stats = index.norm_stats
             swap = stats & index.class_mask(may_swap)  # can_swap(), by class once
             swap[index.mod_uid[0]] = False  # the root has no parent to swap it through
             owner_norm = norm[index.mod_uid[index.param_owner]]
@@ -236,22 +236,16 @@ class Plan:
         return now
 
     @cached_property
-    def _locks(self) -> dict[int, bool]:
-        """Unique module -> lock (True) / release (False), where that changes something."""
+    def _lock_change(self) -> np.ndarray:
+        """int8 per unique module: 1 lock, 0 release, -1 leave as is."""
         d = self._d.locked
-        changed = ((d >= 0) & ((d == 1) != self._locked_now)).nonzero()[0]
-        return dict(zip(changed.tolist(), (d[changed] == 1).tolist()))
+        return np.where((d >= 0) & ((d == 1) != self._locked_now), d, -1).astype(np.int8)
 
     @cached_property
-    def _adapt_marks(self) -> dict[int, bool]:
-        """Unique module -> mark (True) / unmark (False) as chosen to keep adapting its statistics."""
-        d, modules = self._d.stats_adapt, self._index.modules
-        out = {}
-        for u in (d >= 0).nonzero()[0].tolist():
-            want = bool(d[u])
-            if want != bool(modules[u].__dict__.get(STATS_ADAPT)):
-                out[u] = want
-        return out
+    def _locks(self) -> dict[int, bool]:
+        """Unique module -> lock (True) / release (False), where that changes something."""
+        changed = (self._lock_change >= 0).nonzero()[0]
+        return dict(zip(changed.tolist(), (self._lock_change[changed] == 1).tolist()))
 
     @cached_property
     def _new_boundaries(self) -> list[tuple[int, int]]:

@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch.nn as nn
 
 from . import boundary as _boundary
@@ -99,45 +100,53 @@ class Applied:
                 for b in reversed(_boundary.boundaries(module)):
                     if (b.at, b.no_grad) not in have:
                         carried.append((new, _boundary.add(new, b.at, b.no_grad)))
-        # 2. requires_grad, and no stale gradient on anything frozen
-        params, after = index.params, plan._rg_after
-        changed = (plan._rg_before != after).nonzero()[0].tolist()
-        if changed:
-            flipped, values = [params[p] for p in changed], after[changed].tolist()
-            log.append(("requires_grad", list(zip(flipped, [not v for v in values]))))
-            for param, value in zip(flipped, values):
-                param.requires_grad_(value)
-        for p in ((d.requires_grad == 0) & index.has_grad).nonzero()[0].tolist():
-            params[p].grad = None
-        # 3. eval locks, on the module that now sits at each place
-        if plan._locks:
-            locked, released = [], []
+        # 2. requires_grad, each flag read as it is set (one pass over the tensors): what it was
+        # becomes the plan's "before". Nothing frozen keeps a stale gradient.
+        before, now_frozen, now_trainable = [], [], []
+        log += [("frozen", now_frozen), ("thawed", now_trainable)]
+        keep, froze, thawed = before.append, now_frozen.append, now_trainable.append
+        for param, want in zip(index.params, d.requires_grad.tolist()):
+            was = param.requires_grad
+            keep(was)
+            if want == 0:
+                if was:
+                    param.requires_grad = False
+                    froze(param)
+                if param.grad is not None:
+                    param.grad = None
+            elif want > 0 and not was:
+                param.requires_grad = True
+                thawed(param)
+        index.requires_grad = np.array(before, dtype=bool)
+        # 3. eval locks, on the module that now sits at each place; then the marks of norm layers
+        # whose statistics were chosen to adapt (audit reads them)
+        modules = index.modules if not at else [at.get(u, m) for u, m in enumerate(index.modules)]
+        lock_change, adapt = plan._lock_change, d.stats_adapt
+        if np.count_nonzero(lock_change >= 0):
+            locked = [modules[u] for u in (lock_change == 1).nonzero()[0].tolist()]
+            released = []
             log += [("locked", locked), ("unlocked", released)]
-            for u, want in plan._locks.items():
-                module = at.get(u, index.modules[u])
-                if want:
-                    _lock.lock(module)
-                    locked.append(module)
-                else:
-                    released.append((module, _lock.unlock(module)))
-        # 4. norm layers whose statistics were chosen to adapt (audit reads it)
-        if plan._adapt_marks:
+            for module in [modules[u] for u in (lock_change == 0).nonzero()[0].tolist()]:
+                released.append((module, _lock.unlock(module)))
+            _lock.lock_all(locked)  # undone by unlocking those that got locked
+        if np.count_nonzero(adapt >= 0):
             marks = []
             log.append(("attribute", marks))
-            for u, want in plan._adapt_marks.items():
-                module = at.get(u, index.modules[u])
-                marks.append((module, STATS_ADAPT, module.__dict__.get(STATS_ADAPT, _UNSET)))
-                if want:
-                    module.__dict__[STATS_ADAPT] = True
-                else:
-                    module.__dict__.pop(STATS_ADAPT, None)
+            for u, want in zip((adapt >= 0).nonzero()[0].tolist(), adapt[adapt >= 0].tolist()):
+                state = modules[u].__dict__
+                if STATS_ADAPT in state:
+                    if not want:
+                        marks.append((modules[u], STATS_ADAPT, state.pop(STATS_ADAPT)))
+                elif want:
+                    state[STATS_ADAPT] = True
+                    marks.append((modules[u], STATS_ADAPT, _UNSET))
         # 5. boundaries
         if plan._new_boundaries:
             added = []
             log.append(("boundary", added))
             for u, i in plan._new_boundaries:
                 rule = plan.policy.rules[i]
-                module = at.get(u, index.modules[u])
+                module = modules[u]
                 added.append((module, _boundary.add(module, rule.at, rule.no_grad)))
             # 6. a DDP wrapper built later must not wait for gradients that cannot come
             root = index.root
@@ -169,10 +178,13 @@ class Applied:
                         elif isinstance(module, FrozenBatchNorm):
                             _sync_into(module, current)
                         holder._modules[key] = module
-                    elif kind == "requires_grad":
-                        entry[0].requires_grad_(entry[1])
+                    elif kind == "frozen":
+                        entry.requires_grad = True
+                    elif kind == "thawed":
+                        entry.requires_grad = False
                     elif kind == "locked":
-                        _lock.unlock(entry)
+                        if _lock.is_locked(entry):
+                            _lock.unlock(entry)
                     elif kind == "unlocked":
                         _lock.lock(*entry)
                     elif kind == "boundary":
@@ -268,6 +280,7 @@ class Policy:
         with gc_paused():
             index = ModelIndex(model)
             plan = Plan(self, index, decide(self.rules, index))
+            plan._rg_before  # noqa: B018 -- read now: a plan describes the model as it was when made
         for line in plan.warnings:
             warnings.warn(line, DeadRuleWarning, stacklevel=2)
         return plan

@@ -176,7 +176,7 @@ class Glob(Selector):
     patterns: tuple[str, ...]
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
-        return r.index.expand(_hits(r, self, self.patterns, r.index.glob))
+        return r.index.expand(_hits(r, self, self.patterns, r.index.names.glob))
 
     def to_config(self) -> Any:
         if len(self.patterns) == 1 and not self.patterns[0].startswith("re:"):

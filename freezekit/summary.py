@@ -27,7 +27,7 @@ import numpy as np
 import torch.nn as nn
 
 from . import boundary as _boundary
-from .index import ModelIndex
+from .index import ModelIndex, class_number, numbered_classes
 from .lock import is_locked
 from .norm import frozen_class
 from .plan import Plan, decide
@@ -135,15 +135,13 @@ class _Table:
 
         self.total = subtree(occ_numel)
         self.by_status = [subtree(occ_numel * (occ_status == code)) for code in range(len(STATUS))]
-        classes, class_of = index._classes
+        class_of = index.class_of
         if swapped:  # a preview: the classes a policy swaps in (FrozenBatchNorm, or back)
-            classes, class_of = list(classes), class_of.copy()
+            class_of = class_of.copy()
             for u, cls in swapped.items():
-                if cls not in classes:
-                    classes.append(cls)
-                class_of[u] = classes.index(cls)
+                class_of[u] = class_number(cls)
         self.class_of = class_of[index.mod_uid]
-        self.class_names = [c.__name__ for c in classes]
+        self.class_names = [c.__name__ for c in numbered_classes()]
         mode = np.where(locked, 2, index.training.astype(np.int64))
         self.mode_of = mode[index.mod_uid]
         # Two sibling modules are "identical" for collapsing if all of these agree.

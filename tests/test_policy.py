@@ -349,16 +349,13 @@ def test_applied_context_manager(resnet18):
 
 def test_a_failure_midway_leaves_the_model_untouched(resnet18, monkeypatch):
     before = full_state(resnet18)
-    calls = []
 
-    def flaky(module, existing=None):
-        calls.append(module)
-        if len(calls) == 5:
-            raise RuntimeError("boom")
-        return original(module, existing)
+    def flaky(modules):  # locks four, then fails
+        original(list(modules)[:4])
+        raise RuntimeError("boom")
 
-    original = fk.lock.lock
-    monkeypatch.setattr(fk.lock, "lock", flaky)
+    original = fk.lock.lock_all
+    monkeypatch.setattr(fk.lock, "lock_all", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         fk.Policy(fk.freeze("*", norm="frozen_bn"), fk.unfreeze("layer4"), fk.eval_mode("layer1")).apply(resnet18)
     assert full_state(resnet18) == before
