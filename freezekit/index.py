@@ -273,16 +273,22 @@ class ModelIndex:
         covered = _cover(starts, ends, len(mod_hits))
         par_covered = _cover(self.mod_pstart[starts], self.mod_pstart[ends], len(par_hits))
         par_covered |= par_hits
-        modules = np.zeros(self.n_modules, dtype=bool)
-        modules[self.mod_uid[covered]] = True
-        params = np.zeros(self.n_params, dtype=bool)
-        params[self.par_uid[par_covered]] = True
-        return modules, params
+        return (self._unique(covered, self.mod_uid, self.n_modules),
+                self._unique(par_covered, self.par_uid, self.n_params))
+
+    @staticmethod
+    def _unique(occurrences: np.ndarray, uid: np.ndarray, n: int) -> np.ndarray:
+        """A mask over occurrences, as a mask over unique objects (the same, if nothing is shared)."""
+        if len(uid) == n:
+            return occurrences
+        unique = np.zeros(n, dtype=bool)
+        unique[uid[occurrences]] = True
+        return unique
 
     def expand_modules(self, unique: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`expand` for a mask of matched unique modules."""
         hits = np.zeros(len(self.names.names), dtype=bool)
-        hits[: self.n_mod_occ] = unique[self.mod_uid]
+        hits[: self.n_mod_occ] = unique if len(unique) == self.n_mod_occ else unique[self.mod_uid]
         return self.expand(hits)
 
     def params_only_under(self, unique: np.ndarray) -> np.ndarray:

@@ -58,27 +58,14 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
     spoke = np.zeros(len(rules), dtype=bool)
     resolver = Resolver(index)
     problems: list[str] = []
-    norm_state: dict[str, np.ndarray] = {}
-
-    def norm_masks() -> dict[str, np.ndarray]:
-        if not norm_state:
-            norm = index.class_mask(is_norm)
-            stats = index.norm_stats
-            swap = stats & index.class_mask(may_swap)  # can_swap(), by class once
-            swap[index.mod_uid[0]] = False  # the root has no parent to swap it through
-            owner_norm = norm[index.mod_uid[index.param_owner]]
-            param_norm = np.zeros(n_par, dtype=bool)
-            param_norm[index.par_uid[owner_norm]] = True
-            norm_state.update(norm=norm, stats=stats, swap=swap, param=param_norm)
-        return norm_state
+    masks = _NormMasks(index)
 
     def mark(values, by, mask, value, i) -> None:
         values[mask] = value
         by[mask] = i
 
     for i, rule in enumerate(rules):
-        mods = np.zeros(n_mod, dtype=bool)
-        pars = np.zeros(n_par, dtype=bool)
+        mods = pars = None
         for sel in rule.selectors:
             seen = len(resolver.unmatched)
             m, p = resolver.resolve(sel)
@@ -87,38 +74,39 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
                 if len(resolver.unmatched) == seen and not (np.count_nonzero(m) or np.count_nonzero(p)):
                     problems.append(f"policy[{i}].{rule.action}: {sel!r} selected nothing in "
                                     f"{index.model_name}: every match was excluded")
-            mods |= m
-            pars |= p
+            mods, pars = (m, p) if mods is None else (mods | m, pars | p)  # never changed in place
         if rule.action == "freeze":
-            masks = norm_masks()
-            norm_mods = mods & masks["norm"]
-            stats, swap = norm_mods & masks["stats"], norm_mods & masks["swap"]
+            norm_mods, stats = mods & masks.norm, mods & masks.stats
             mark(rg, rg_by, pars, 0, i)
             if rule.norm == "trainable":
-                mark(rg, rg_by, pars & masks["param"], 1, i)
-            if rule.norm == "eval":
-                mark(locked, locked_by, stats, 1, i)
-                mark(swapped, swapped_by, swap, 0, i)
-            elif rule.norm == "frozen_bn":
-                mark(swapped, swapped_by, swap, 1, i)
-                mark(locked, locked_by, swap, 0, i)  # a frozen BatchNorm needs no lock
-                mark(locked, locked_by, stats & ~swap, 1, i)  # norms that cannot be swapped
-            else:
-                mark(locked, locked_by, stats, 0, i)
-                mark(swapped, swapped_by, swap, 0, i)
-            mark(adapt, adapt_by, stats, 1 if rule.norm == "train" else 0, i)
+                mark(rg, rg_by, pars & masks.param, 1, i)
+            if np.count_nonzero(stats):  # norm layers with running statistics (swap is a part of them)
+                swap = stats & masks.swap
+                if rule.norm == "eval":
+                    mark(locked, locked_by, stats, 1, i)
+                    mark(swapped, swapped_by, swap, 0, i)
+                elif rule.norm == "frozen_bn":
+                    mark(swapped, swapped_by, swap, 1, i)
+                    mark(locked, locked_by, swap, 0, i)  # a frozen BatchNorm needs no lock
+                    mark(locked, locked_by, stats & ~swap, 1, i)  # norms that cannot be swapped
+                else:
+                    mark(locked, locked_by, stats, 0, i)
+                    mark(swapped, swapped_by, swap, 0, i)
+                mark(adapt, adapt_by, stats, 1 if rule.norm == "train" else 0, i)
             spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(norm_mods))
         elif rule.action == "unfreeze":
             mark(rg, rg_by, pars, 1, i)
             mark(locked, locked_by, mods, 0, i)
-            if np.count_nonzero(mods):
-                mark(swapped, swapped_by, mods & norm_masks()["swap"], 0, i)
-                mark(adapt, adapt_by, mods & norm_masks()["stats"], 0, i)
+            stats = mods & masks.stats
+            if np.count_nonzero(stats):
+                mark(swapped, swapped_by, stats & masks.swap, 0, i)
+                mark(adapt, adapt_by, stats, 0, i)
             spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(mods))
         elif rule.action == "eval_mode":
             mark(locked, locked_by, mods, 1, i)
-            if np.count_nonzero(mods):
-                mark(adapt, adapt_by, mods & norm_masks()["stats"], 0, i)
+            stats = mods & masks.stats
+            if np.count_nonzero(stats):
+                mark(adapt, adapt_by, stats, 0, i)
             spoke[i] = bool(np.count_nonzero(mods))
         else:  # detach
             roots = index.complete_roots(mods).nonzero()[0]
@@ -129,6 +117,34 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
     if problems:
         raise NoMatchError(problems)
     return Decisions(rg, rg_by, locked, locked_by, swapped, swapped_by, adds, spoke, adapt)
+
+
+class _NormMasks:
+    """The norm layers of an index, as masks, each made when a rule first needs it."""
+
+    def __init__(self, index: ModelIndex):
+        self.index = index
+        self.stats = index.norm_stats  # read in the walk
+
+    @cached_property
+    def norm(self) -> np.ndarray:
+        return self.index.class_mask(is_norm)
+
+    @cached_property
+    def swap(self) -> np.ndarray:
+        """Those a frozen BatchNorm can replace (can_swap(), by class once); never the root, which has
+        no parent to swap it through."""
+        swap = self.stats & self.index.class_mask(may_swap)
+        swap[self.index.mod_uid[0]] = False
+        return swap
+
+    @cached_property
+    def param(self) -> np.ndarray:
+        """Unique-parameter mask of the parameters of norm layers."""
+        index = self.index
+        param = np.zeros(index.n_params, dtype=bool)
+        param[index.par_uid[self.norm[index.mod_uid[index.param_owner]]]] = True
+        return param
 
 
 def _no_match(i: int, rule: Rule, u: Unmatched, sel: Selector, index: ModelIndex) -> str:

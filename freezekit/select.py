@@ -152,7 +152,7 @@ def _patterns(kind: str, values: tuple, allow_empty: bool = False) -> tuple[str,
 def _hits(r: Resolver, selector: Selector, patterns: tuple[str, ...], match: Callable[[str], np.ndarray],
           prefix: str = "") -> np.ndarray:
     """Names matched by any of ``patterns`` (cached per resolver); notes each that matched nothing."""
-    hits = np.zeros(len(r.index.names.names), dtype=bool)
+    hits = None
     for pattern in patterns:
         key = (type(selector), pattern)
         if key not in r.cache:
@@ -160,7 +160,7 @@ def _hits(r: Resolver, selector: Selector, patterns: tuple[str, ...], match: Cal
         mask = r.cache[key]
         if not np.count_nonzero(mask):
             r.unmatched.append(Unmatched(selector, prefix + pattern, "name"))
-        hits |= mask
+        hits = mask if hits is None else hits | mask  # the cached mask itself is never changed
     return hits
 
 
