@@ -24,7 +24,7 @@ import numpy as np
 import torch.nn as nn
 
 from .names import NameList
-from .norm import is_norm, keeps_running_stats
+from .norm import STATS_ADAPT, is_norm, keeps_running_stats
 
 __all__ = ["ModelIndex", "gc_paused", "unwrap"]
 
@@ -151,6 +151,7 @@ class ModelIndex:
         code = _code(root.__class__)
         mod_cls: list[int] = [code if code >= 0 else -2 - code]
         with_stats: list[int] = [0] if code < -1 and keeps_running_stats(root) else []
+        with_mark: list[int] = [0] if code < -1 and STATS_ADAPT in root.__dict__ else []  # chosen to adapt
         with_train: list[int] = [0] if "train" in root.__dict__ else []  # may hold an eval lock
         with_forward: list[int] = [0] if "forward" in root.__dict__ else []  # may hold a boundary
         par_occ: list[nn.Parameter] = [p for p in root._parameters.values() if p is not None]
@@ -174,6 +175,8 @@ class ModelIndex:
                         code = -2 - code
                         if keeps_running_stats(module):
                             with_stats.append(i)
+                        if STATS_ADAPT in module.__dict__:
+                            with_mark.append(i)
                 add_cls(code)
                 state = module.__dict__
                 name = prefix + key
@@ -217,6 +220,7 @@ class ModelIndex:
         self.par_uid, self.params, self.param_names = _dedup(par_occ, par_names)
         self._class_numbers = mod_cls
         self.norm_stats = self._marked(with_stats)  # norm layers that keep running statistics
+        self.adapting = self._marked(with_mark)  # norm layers marked as chosen to adapt their statistics
         self.maybe_locked = self._marked(with_train)
         self.maybe_cut = self._marked(with_forward)
 

@@ -129,10 +129,14 @@ class Applied:
             for module in [modules[u] for u in (lock_change == 0).nonzero()[0].tolist()]:
                 released.append((module, _lock.unlock(module)))
             _lock.lock_all(locked)  # undone by unlocking those that got locked
-        if np.count_nonzero(adapt >= 0):
+        marked = index.adapting  # as the walk read them; a swapped-in module is asked again
+        todo = ((adapt == 1) & ~marked) | ((adapt == 0) & marked)
+        if at:
+            todo[list(at)] |= adapt[list(at)] >= 0
+        if np.count_nonzero(todo):
             marks = []
             log.append(("attribute", marks))
-            for u, want in zip((adapt >= 0).nonzero()[0].tolist(), adapt[adapt >= 0].tolist()):
+            for u, want in zip(todo.nonzero()[0].tolist(), adapt[todo].tolist()):
                 state = modules[u].__dict__
                 if STATS_ADAPT in state:
                     if not want:

@@ -20,3 +20,12 @@ def test_every_benchmark_runs_at_its_smallest(tmp_path):
     for name in ("apply", "summary", "step", "runner", "cache", "values", "verify"):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["rows"] and {"worst", "target", "verdict"} <= set(data["summary"]) and data["machine"]["torch"]
+
+
+def test_the_apply_benchmark_runs_on_its_own(tmp_path):
+    env = {**os.environ, "FREEZEKIT_BENCH_RESULTS": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_apply.py"), "--smoke"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ratio" in result.stdout
+    assert json.loads((tmp_path / "apply.json").read_text())["rows"][0]["tensors"] > 400
