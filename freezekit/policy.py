@@ -144,7 +144,7 @@ class Applied:
                 elif want:
                     state[STATS_ADAPT] = True
                     marks.append((modules[u], STATS_ADAPT, _UNSET))
-        # 5. boundaries
+        # 4. boundaries
         if plan._new_boundaries:
             added = []
             log.append(("boundary", added))
@@ -152,7 +152,7 @@ class Applied:
                 rule = plan.policy.rules[i]
                 module = modules[u]
                 added.append((module, _boundary.add(module, rule.at, rule.no_grad)))
-            # 6. a DDP wrapper built later must not wait for gradients that cannot come
+            # 5. a DDP wrapper built later must not wait for gradients that cannot come
             root = index.root
             before = root.__dict__.get(_DDP_IGNORE, _UNSET)
             log.append(("attribute", [(root, _DDP_IGNORE, before)]))
