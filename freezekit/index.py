@@ -246,6 +246,58 @@ class ModelIndex:
         """Each unique module's ``training`` flag, as read at first use."""
         return np.array([m.training for m in self.modules], dtype=bool)
 
+    @property
+    def n_modules(self) -> int:
+        return len(self.modules)
+
+    @property
+    def n_params(self) -> int:
+        return len(self.params)
+
+    @property
+    def model_name(self) -> str:
+        return type(self.root).__name__
+
+    def expand(self, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Resolve matched names (a mask over :attr:`names`) to unique (module mask, parameter mask).
+
+        A matched module occurrence selects itself, every module below it and every parameter
+        below it; a matched parameter occurrence selects that parameter.
+        """
+        mod_hits, par_hits = hits[: self.n_mod_occ], hits[self.n_mod_occ:]
+        if mod_hits[0]:  # the root: everything
+            return np.ones(self.n_modules, dtype=bool), np.ones(self.n_params, dtype=bool)
+        starts = mod_hits.nonzero()[0]
+        ends = self.mod_end[starts]
+        covered = _cover(starts, ends, len(mod_hits))
+        par_covered = _cover(self.mod_pstart[starts], self.mod_pstart[ends], len(par_hits))
+        par_covered |= par_hits
+        return (self._unique(covered, self.mod_uid, self.n_modules),
+                self._unique(par_covered, self.par_uid, self.n_params))
+
+    @staticmethod
+    def _unique(occurrences: np.ndarray, uid: np.ndarray, n: int) -> np.ndarray:
+        """A mask over occurrences, as a mask over unique objects (the same, if nothing is shared)."""
+        if len(uid) == n:
+            return occurrences
+        unique = np.zeros(n, dtype=bool)
+        unique[uid[occurrences]] = True
+        return unique
+
+    def expand_modules(self, unique: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`expand` for a mask of matched unique modules."""
+        hits = np.zeros(len(self.names.names), dtype=bool)
+        hits[: self.n_mod_occ] = unique if len(unique) == self.n_mod_occ else unique[self.mod_uid]
+        return self.expand(hits)
+
+    def params_only_under(self, unique: np.ndarray) -> np.ndarray:
+        """Unique-parameter mask of the parameters every name of which lies under a module of the
+        unique-module mask ``unique`` (a tied parameter also used outside is not)."""
+        starts = unique[self.mod_uid].nonzero()[0]
+        under = _cover(self.mod_pstart[starts], self.mod_pstart[self.mod_end[starts]], len(self.par_uid))
+        outside = np.bincount(self.par_uid[~under], minlength=self.n_params)
+        return outside == 0
+
     @cached_property
     def class_of(self) -> np.ndarray:
         """Each unique module's class, as its number in :func:`numbered_classes`."""
