@@ -8,6 +8,7 @@ things: a parameter's ``requires_grad``; a module's eval lock; a BatchNorm's swa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -45,25 +46,16 @@ class Decisions:
 
 
 def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
-    n_par, n_mod = index.n_params, index.n_modules
-    rg = np.full(n_par, -1, dtype=np.int8)
-    rg_by = np.full(n_par, -1, dtype=np.int32)
-    locked = np.full(n_mod, -1, dtype=np.int8)
-    locked_by = np.full(n_mod, -1, dtype=np.int32)
-    swapped = np.full(n_mod, -1, dtype=np.int8)
-    swapped_by = np.full(n_mod, -1, dtype=np.int32)
-    adapt = np.full(n_mod, -1, dtype=np.int8)
-    adapt_by = np.full(n_mod, -1, dtype=np.int32)
+    # The last rule wins, and rules are numbered in order: each rule only writes its number where
+    # it selects, and what each thing becomes is read from the deciding rules once, at the end.
+    par_by = np.full(index.n_params, -1, dtype=np.int32)  # last freeze / unfreeze of each parameter
+    mod_fu = np.full(index.n_modules, -1, dtype=np.int32)  # last freeze / unfreeze of each module
+    mod_ue = np.full(index.n_modules, -1, dtype=np.int32)  # last unfreeze / eval_mode of each module
     adds: list[tuple[int, int]] = []
     spoke = np.zeros(len(rules), dtype=bool)
     resolver = Resolver(index)
     problems: list[str] = []
     masks = _NormMasks(index)
-
-    def mark(values, by, mask, value, i) -> None:
-        values[mask] = value
-        by[mask] = i
-
     for i, rule in enumerate(rules):
         mods = pars = None
         for sel in rule.selectors:
@@ -76,37 +68,16 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
                                     f"{index.model_name}: every match was excluded")
             mods, pars = (m, p) if mods is None else (mods | m, pars | p)  # never changed in place
         if rule.action == "freeze":
-            norm_mods, stats = mods & masks.norm, mods & masks.stats
-            mark(rg, rg_by, pars, 0, i)
-            if rule.norm == "trainable":
-                mark(rg, rg_by, pars & masks.param, 1, i)
-            if np.count_nonzero(stats):  # norm layers with running statistics (swap is a part of them)
-                swap = stats & masks.swap
-                if rule.norm == "eval":
-                    mark(locked, locked_by, stats, 1, i)
-                    mark(swapped, swapped_by, swap, 0, i)
-                elif rule.norm == "frozen_bn":
-                    mark(swapped, swapped_by, swap, 1, i)
-                    mark(locked, locked_by, swap, 0, i)  # a frozen BatchNorm needs no lock
-                    mark(locked, locked_by, stats & ~swap, 1, i)  # norms that cannot be swapped
-                else:
-                    mark(locked, locked_by, stats, 0, i)
-                    mark(swapped, swapped_by, swap, 0, i)
-                mark(adapt, adapt_by, stats, 1 if rule.norm == "train" else 0, i)
-            spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(norm_mods))
+            par_by[pars] = i
+            mod_fu[mods] = i
+            spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(mods & masks.norm))
         elif rule.action == "unfreeze":
-            mark(rg, rg_by, pars, 1, i)
-            mark(locked, locked_by, mods, 0, i)
-            stats = mods & masks.stats
-            if np.count_nonzero(stats):
-                mark(swapped, swapped_by, stats & masks.swap, 0, i)
-                mark(adapt, adapt_by, stats, 0, i)
+            par_by[pars] = i
+            mod_fu[mods] = i
+            mod_ue[mods] = i
             spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(mods))
         elif rule.action == "eval_mode":
-            mark(locked, locked_by, mods, 1, i)
-            stats = mods & masks.stats
-            if np.count_nonzero(stats):
-                mark(adapt, adapt_by, stats, 0, i)
+            mod_ue[mods] = i
             spoke[i] = bool(np.count_nonzero(mods))
         else:  # detach
             roots = index.complete_roots(mods).nonzero()[0]
@@ -116,7 +87,38 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
                                 f"{index.model_name}; a boundary goes on modules")
     if problems:
         raise NoMatchError(problems)
-    return Decisions(rg, rg_by, locked, locked_by, swapped, swapped_by, adds, spoke, adapt)
+    return _outcome(rules, par_by, mod_fu, mod_ue, masks, adds, spoke)
+
+
+def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mod_ue: np.ndarray,
+             masks: _NormMasks, adds: list[tuple[int, int]], spoke: np.ndarray) -> Decisions:
+    """The decisions, read from the deciding rules. A freeze speaks for the norm layers with
+    running statistics among its modules, and for no other module."""
+
+    def by_rule(value: Callable[[Rule], bool]) -> np.ndarray:  # a value per rule, and -1 at [-1]: no rule
+        return np.array([value(rule) for rule in rules] + [-1], dtype=np.int8)
+
+    rg = by_rule(lambda r: r.action == "unfreeze")[par_by]
+    if any(r.action == "freeze" and r.norm == "trainable" for r in rules):  # norm parameters stay trainable
+        rg[(by_rule(lambda r: r.action == "freeze" and r.norm == "trainable")[par_by] == 1) & masks.param] = 1
+    locked, locked_by = by_rule(lambda r: r.action == "eval_mode")[mod_ue], mod_ue.copy()
+    swapped, swapped_by = np.full(len(mod_fu), -1, dtype=np.int8), np.full(len(mod_fu), -1, dtype=np.int32)
+    adapt = np.full(len(mod_fu), -1, dtype=np.int8)
+    stats = masks.stats.nonzero()[0]
+    if len(stats):
+        by = np.maximum(mod_fu[stats], mod_ue[stats])
+        locked_by[stats] = by
+        locked[stats] = by_rule(lambda r: r.action == "eval_mode"
+                                or (r.action == "freeze" and r.norm in ("eval", "frozen_bn")))[by]
+        adapt[stats] = by_rule(lambda r: r.action == "freeze" and r.norm == "train")[by]
+        chosen = mod_fu[stats] >= 0
+        if np.count_nonzero(chosen):
+            swap = stats[chosen & masks.swap[stats]]
+            by = mod_fu[swap]
+            swapped_by[swap] = by
+            swapped[swap] = by_rule(lambda r: r.action == "freeze" and r.norm == "frozen_bn")[by]
+            locked[swap[(swapped[swap] == 1) & (locked_by[swap] == by)]] = 0  # a frozen BatchNorm needs no lock
+    return Decisions(rg, par_by, locked, locked_by, swapped, swapped_by, adds, spoke, adapt)
 
 
 class _NormMasks:
