@@ -137,10 +137,10 @@ class NameList:
         if not any(c in pattern for c in "?[") and len(parts) <= 3:
             head, tail = parts[0], parts[-1]
             if len(parts) == 3 and not head and not tail:  # "*LIT*": the names that hold LIT
-                return self._lines_at(self._occurrences(parts[1]))
+                return self._holding(parts[1])
             if len(parts) == 2:  # "HEAD*", "*TAIL", "HEAD*TAIL"
-                starts = self._lines_at(self._occurrences("\n" + head)) if head else None
-                ends = self._lines_at(self._occurrences(tail + "\n")) if tail else None
+                starts = self._holding("\n" + head) if head else None
+                ends = self._holding(tail + "\n") if tail else None
                 if starts is None or ends is None:
                     return ends if starts is None else starts
                 return starts & ends & (np.diff(self.newlines) > len(head) + len(tail))  # not overlapping
@@ -166,10 +166,30 @@ class NameList:
     @cached_property
     def newlines(self) -> np.ndarray:
         """Character offset in the blob of the newline before each name, and of the last newline."""
-        if self.blob is not None and self.blob.isascii():  # characters are bytes: numpy finds them
-            return np.flatnonzero(np.frombuffer(self.blob.encode("ascii"), dtype=np.uint8) == 10)
+        if self._ascii is not None:
+            return np.flatnonzero(np.frombuffer(self._ascii, dtype=np.uint8) == 10)
         lengths = np.fromiter(map(len, self.names), dtype=np.int64, count=len(self.names)) + 1
         return np.concatenate(([0], np.cumsum(lengths)))
+
+    @cached_property
+    def _ascii(self) -> bytes | None:
+        """The blob as bytes, where it is ASCII (a character per byte: numpy can compare them)."""
+        return self.blob.encode("ascii") if self.blob is not None and self.blob.isascii() else None
+
+    def _holding(self, literal: str) -> np.ndarray:
+        """Mask of the names whose line holds ``literal``. One that starts (or ends) with the
+        newline is compared at every line's start (end) at once; others are searched for."""
+        start, end = literal.startswith("\n"), literal.endswith("\n")
+        text = literal.strip("\n").encode("ascii", "replace")
+        blob = self._ascii
+        if start != end and blob is not None and literal.isascii() and "\0" not in literal and len(text) < len(blob):
+            at = self.newlines[1:] - len(text) if end else self.newlines[:-1] + 1
+            np.clip(at, 0, len(blob) - len(text), out=at)  # a window past either end holds a newline
+            # every window of len(text) characters, as one fixed-width string; too long for its
+            # line, it holds a newline, which text does not
+            windows = np.ndarray((len(blob) - len(text) + 1,), dtype=f"S{len(text)}", buffer=blob, strides=(1,))
+            return windows[at] == text
+        return self._lines_at(self._occurrences(literal))
 
     def _occurrences(self, literal: str) -> np.ndarray:
         """Blob offsets of the non-overlapping occurrences of ``literal``, found in C by one split."""
@@ -193,7 +213,7 @@ class NameList:
         with a NUL and numpy finds the marked lines."""
         blob = self.blob
         if literal:
-            candidates = np.flatnonzero(self._lines_at(self._occurrences(literal)))
+            candidates = np.flatnonzero(self._holding(literal))
             if len(candidates) * 8 < len(self.names):
                 mask = np.zeros(len(self.names), dtype=bool)
                 starts = self.newlines[candidates].tolist()
