@@ -22,9 +22,10 @@ from functools import cached_property
 
 import numpy as np
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from .names import NameList
-from .norm import STATS_ADAPT, is_norm, keeps_running_stats
+from .norm import STATS_ADAPT, has_running_stats, is_norm, keeps_running_stats
 
 __all__ = ["ModelIndex", "gc_paused", "unwrap"]
 
@@ -44,6 +45,7 @@ _wrapper_attr_cache: dict[type, str | None] = {}
 # statistics are read right then. A test on classes (norm? BatchNorm?) runs once per class.
 _class_code: dict[type, int] = {}
 _numbered: list[type] = []
+_flags_stats: set[type] = set()  # norm classes that keep running statistics where track_running_stats says so
 _numbering = threading.Lock()
 
 
@@ -70,6 +72,8 @@ def _code(cls: type) -> int:
                     _numbered.append(cls)
                     if is_norm(cls):
                         code = -2 - code
+                        if issubclass(cls, _NormBase):  # says in track_running_stats whether it keeps statistics
+                            _flags_stats.add(cls)
                 _class_code[cls] = code
     return code
 
@@ -158,7 +162,7 @@ class ModelIndex:
         par_names: list[str] = [k for k, p in root._parameters.items() if p is not None]
         add_mod, add_name, add_parent, add_pstart = occ.append, mod_names.append, mod_parent.append, mod_pstart.append
         add_end, add_cls, add_par, add_pname = mod_end.append, mod_cls.append, par_occ.append, par_names.append
-        code_of = _class_code.get
+        code_of, flagged = _class_code.get, _flags_stats
         n_par, i = len(par_occ), 1  # i: the occurrence number of the next module
         stack = [(iter(root._modules.items()), "", 0)]
         while stack:
@@ -173,9 +177,11 @@ class ModelIndex:
                         code = _code(module.__class__)
                     if code < -1:
                         code = -2 - code
-                        if keeps_running_stats(module):
+                        state = module.__dict__
+                        if (state.get("track_running_stats") if module.__class__ in flagged
+                                else has_running_stats(module)):
                             with_stats.append(i)
-                        if STATS_ADAPT in module.__dict__:
+                        if STATS_ADAPT in state:
                             with_mark.append(i)
                 add_cls(code)
                 state = module.__dict__
