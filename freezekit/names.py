@@ -183,8 +183,11 @@ class NameList:
         text = literal.strip("\n").encode("ascii", "replace")
         blob = self._ascii
         if start != end and blob is not None and literal.isascii() and "\0" not in literal and len(text) < len(blob):
-            at = self.newlines[1:] - len(text) if end else self.newlines[:-1] + 1
-            np.clip(at, 0, len(blob) - len(text), out=at)  # a window past either end holds a newline
+            # a window past either end of the blob is moved inside, where it holds a newline
+            if end:
+                at = np.maximum(self.newlines[1:] - len(text), 0)
+            else:
+                at = np.minimum(self.newlines[:-1] + 1, len(blob) - len(text))
             # every window of len(text) characters, as one fixed-width string; too long for its
             # line, it holds a newline, which text does not
             windows = np.ndarray((len(blob) - len(text) + 1,), dtype=f"S{len(text)}", buffer=blob, strides=(1,))
