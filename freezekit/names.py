@@ -2,8 +2,9 @@
 
 :class:`NameList` holds a model's qualified names and answers "which of them fully match this
 glob / regex" with a boolean mask. The names are joined into one string, a name per line, so that
-the regex engine scans them in C instead of being called once per name from Python; a pattern
-with a fixed start is found with ``str.find`` and checked only where it occurs. Globs follow
+the regex engine scans them in C instead of being called once per name from Python; a glob's
+literal head or tail is compared at every line's start or end at once, and a pattern's longest
+literal narrows the names the regex must check. Globs follow
 ``fnmatch.fnmatchcase`` exactly (``*`` crosses dots); regexes ``re.fullmatch``. Names holding a
 newline or NUL (possible, if odd) fall back to matching one name at a time.
 """
@@ -179,10 +180,11 @@ class NameList:
     def _holding(self, literal: str) -> np.ndarray:
         """Mask of the names whose line holds ``literal``. One that starts (or ends) with the
         newline is compared at every line's start (end) at once; others are searched for."""
-        start, end = literal.startswith("\n"), literal.endswith("\n")
-        text = literal.strip("\n").encode("ascii", "replace")
+        end = literal.endswith("\n")
         blob = self._ascii
-        if start != end and blob is not None and literal.isascii() and "\0" not in literal and len(text) < len(blob):
+        if literal.startswith("\n") != end and blob is not None and literal.isascii() and "\0" not in literal \
+                and len(literal) <= len(blob):
+            text = literal.strip("\n").encode("ascii")
             # a window past either end of the blob is moved inside, where it holds a newline
             if end:
                 at = np.maximum(self.newlines[1:] - len(text), 0)
