@@ -5,6 +5,7 @@ the layer unfrozen later is updated from each rank's own gradients and the repli
 Prints one JSON line: what freezekit's in-sync check says, by hand and with the wrapper rebuilt.
 """
 
+import gc
 import json
 
 import torch
@@ -41,5 +42,6 @@ dist.init_process_group("gloo")
 by_hand, rebuilt = train(rebuild=False), train(rebuild=True)
 if dist.get_rank() == 0:
     print(json.dumps({"by_hand": by_hand, "rebuilt": rebuilt}))
+gc.collect()  # the DDP wrappers of train() go while the group lives, not as the interpreter exits (SIGABRT)
 barrier(world("cpu"))  # no rank tears the group down while another still uses it
 dist.destroy_process_group()
