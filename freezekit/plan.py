@@ -106,12 +106,13 @@ def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mo
     adapt = np.full(len(mod_fu), -1, dtype=np.int8)
     stats = masks.stats.nonzero()[0]
     if len(stats):
-        by = np.maximum(mod_fu[stats], mod_ue[stats])
+        fu = mod_fu[stats]
+        by = np.maximum(fu, mod_ue[stats])
         locked_by[stats] = by
         locked[stats] = by_rule(lambda r: r.action == "eval_mode"
                                 or (r.action == "freeze" and r.norm in ("eval", "frozen_bn")))[by]
         adapt[stats] = by_rule(lambda r: r.action == "freeze" and r.norm == "train")[by]
-        chosen = mod_fu[stats] >= 0
+        chosen = fu >= 0  # by a freeze or unfreeze, which decide swaps
         if np.count_nonzero(chosen):
             swap = stats[chosen & masks.swap[stats]]
             by = mod_fu[swap]
