@@ -117,8 +117,9 @@ def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mo
             swap = stats[chosen & masks.swap[stats]]
             by = mod_fu[swap]
             swapped_by[swap] = by
-            swapped[swap] = by_rule(lambda r: r.action == "freeze" and r.norm == "frozen_bn")[by]
-            locked[swap[(swapped[swap] == 1) & (locked_by[swap] == by)]] = 0  # a frozen BatchNorm needs no lock
+            frozen = by_rule(lambda r: r.action == "freeze" and r.norm == "frozen_bn")[by]
+            swapped[swap] = frozen
+            locked[swap[(frozen == 1) & (locked_by[swap] == by)]] = 0  # a frozen BatchNorm needs no lock
     return Decisions(rg, par_by, locked, locked_by, swapped, swapped_by, adds, spoke, adapt)
 
 
