@@ -270,16 +270,22 @@ class ModelIndex:
         A matched module occurrence selects itself, every module below it and every parameter
         below it; a matched parameter occurrence selects that parameter.
         """
-        mod_hits, par_hits = hits[: self.n_mod_occ], hits[self.n_mod_occ:]
-        if mod_hits[0]:  # the root: everything
-            return np.ones(self.n_modules, dtype=bool), np.ones(self.n_params, dtype=bool)
-        starts = mod_hits.nonzero()[0]
-        ends = self.mod_end[starts]
-        covered = _cover(starts, ends, len(mod_hits))
-        par_covered = _cover(self.mod_pstart[starts], self.mod_pstart[ends], len(par_hits))
-        par_covered |= par_hits
+        covered = self.subtrees(hits[: self.n_mod_occ])
+        par_covered = covered[self.param_owner] | hits[self.n_mod_occ:]
         return (self._unique(covered, self.mod_uid, self.n_modules),
                 self._unique(par_covered, self.par_uid, self.n_params))
+
+    def subtrees(self, roots: np.ndarray) -> np.ndarray:
+        """Mask of the module occurrences in the subtree of any occurrence in the mask ``roots``.
+
+        Subtrees are ranges of the pre-order that nest or are disjoint: an occurrence is covered
+        when the furthest end of a range opened at or before it lies beyond it.
+        """
+        return np.maximum.accumulate(self.mod_end * roots) > self._positions
+
+    @cached_property
+    def _positions(self) -> np.ndarray:
+        return np.arange(self.n_mod_occ)
 
     @staticmethod
     def _unique(occurrences: np.ndarray, uid: np.ndarray, n: int) -> np.ndarray:
@@ -299,8 +305,7 @@ class ModelIndex:
     def params_only_under(self, unique: np.ndarray) -> np.ndarray:
         """Unique-parameter mask of the parameters every name of which lies under a module of the
         unique-module mask ``unique`` (a tied parameter also used outside is not)."""
-        starts = unique[self.mod_uid].nonzero()[0]
-        under = _cover(self.mod_pstart[starts], self.mod_pstart[self.mod_end[starts]], len(self.par_uid))
+        under = self.subtrees(unique[self.mod_uid])[self.param_owner]
         outside = np.bincount(self.par_uid[~under], minlength=self.n_params)
         return outside == 0
 
@@ -333,7 +338,8 @@ class ModelIndex:
     @cached_property
     def param_owner(self) -> np.ndarray:
         """Parameter occurrence -> module occurrence that holds it directly."""
-        return np.repeat(np.arange(len(self.mod_uid)), np.diff(self.mod_pstart))
+        pstart = self.mod_pstart
+        return self._positions.repeat(pstart[1:] - pstart[:-1])
 
     def complete_roots(self, modules: np.ndarray) -> np.ndarray:
         """Unique mask of the outermost modules whose whole subtree lies in the unique mask ``modules``."""
@@ -383,13 +389,3 @@ def _dedup(objects: list, names: list[str]) -> tuple[np.ndarray, list, list[str]
     first = first[order].tolist()
     return rank[inverse.reshape(-1)], [objects[i] for i in first], [names[i] for i in first]
 
-
-def _cover(starts: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
-    """Mask of length ``n`` that is true inside any of the half-open ranges ``[starts, ends)``."""
-    covered = np.zeros(n, dtype=bool)
-    if len(starts) <= 16:  # a few ranges: slices are cheaper than the vectorized sweep
-        for start, end in zip(starts.tolist(), ends.tolist()):
-            covered[start:end] = True
-        return covered
-    depth = np.bincount(starts, minlength=n + 1) - np.bincount(ends, minlength=n + 1)
-    return np.cumsum(depth[:n]) > 0
