@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import cached_property
 
 import numpy as np
@@ -109,22 +108,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     return _inside_wrappers(model)
 
 
-@contextmanager
-def gc_paused() -> Iterator[None]:
+class gc_paused:  # a context manager named for its use: ``with gc_paused():``
     """Pause the cyclic garbage collector while a model is walked or changed.
 
     Walking 100k modules allocates a few hundred thousand short-lived objects; each generational
     collection they trigger also scans the model's own objects, which costs more than the walk.
     Whatever became garbage meanwhile is collected as usual once it resumes.
     """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
+
+    def __enter__(self) -> None:
+        self._resume = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._resume:
+            gc.enable()
 
 
 class ModelIndex:
@@ -154,6 +152,7 @@ class ModelIndex:
         mod_end: list[int] = [0]  # set when the root's children are done
         code = _code(root.__class__)
         mod_cls: list[int] = [code if code >= 0 else -2 - code]
+        with_norm: list[int] = [0] if code < -1 else []  # norm layers
         with_stats: list[int] = [0] if code < -1 and keeps_running_stats(root) else []
         with_mark: list[int] = [0] if code < -1 and STATS_ADAPT in root.__dict__ else []  # chosen to adapt
         with_train: list[int] = [0] if "train" in root.__dict__ else []  # may hold an eval lock
@@ -177,6 +176,7 @@ class ModelIndex:
                         code = _code(module.__class__)
                     if code < -1:
                         code = -2 - code
+                        with_norm.append(i)
                         state = module.__dict__
                         if (state.get("track_running_stats") if module.__class__ in flagged
                                 else has_running_stats(module)):
@@ -225,7 +225,8 @@ class ModelIndex:
         self.mod_uid, self.modules, self.module_names = _dedup(occ, mod_names)
         self.par_uid, self.params, self.param_names = _dedup(par_occ, par_names)
         self._class_numbers = mod_cls
-        self.norm_stats = self._marked(with_stats)  # norm layers that keep running statistics
+        self.norms = self._marked(with_norm)  # norm layers (is_norm of their class)
+        self.norm_stats = self._marked(with_stats)  # those that keep running statistics
         self.adapting = self._marked(with_mark)  # norm layers marked as chosen to adapt their statistics
         self.maybe_locked = self._marked(with_train)
         self.maybe_cut = self._marked(with_forward)
@@ -375,12 +376,8 @@ class ModelIndex:
 def _dedup(objects: list, names: list[str]) -> tuple[np.ndarray, list, list[str]]:
     """Unique ``objects`` by identity, in first-seen order, with the name of each one's first
     occurrence, and the map from each occurrence to its unique index."""
-    try:  # a set compares identity first: if it holds as many as the list, nothing is shared
-        distinct = bool(objects) and isinstance(objects[0], nn.Module) and len(set(objects)) == len(objects)
-    except TypeError:  # an unhashable module class
-        distinct = False
-    ids = None if distinct else list(map(id, objects))  # tensors hash in Python: ids are cheaper
-    if distinct or len(set(ids)) == len(ids):  # the common case: nothing shared
+    ids = list(map(id, objects))  # ids hash cheaper than tensors, whose __hash__ is Python code
+    if len(set(ids)) == len(ids):  # the common case: nothing shared
         return np.arange(len(objects), dtype=np.int64), objects, names
     _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")

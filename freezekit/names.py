@@ -157,7 +157,7 @@ class NameList:
             except re.error:  # e.g. global inline flags, which cannot sit inside a group
                 line = None
             if line is not None:
-                head = "" if compiled.flags & (re.IGNORECASE | re.VERBOSE) else _regex_head(compiled.pattern)
+                head = "" if compiled.flags & _CHANGE_LITERALS else _regex_head(compiled.pattern)
                 mask = self._check(line, "\n" + head if head else "")
         return mask if mask is not None else self._each(compiled)
 
@@ -255,6 +255,7 @@ def _longest_literal(pattern: str) -> str:
 
 
 _STARS = re.compile(r"\*+")
+_CHANGE_LITERALS = int(re.IGNORECASE | re.VERBOSE)  # flags under which a pattern's text is not its literal start
 # Characters that stand for themselves in a regex; escaped, these do too: \. \- \_ \/
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-/:,;<>=!@#%&~`' \"")
 

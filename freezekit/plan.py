@@ -20,7 +20,7 @@ from . import boundary as _boundary
 from . import lock as _lock
 from .errors import NoMatchError, closest
 from .index import ModelIndex
-from .norm import FrozenBatchNorm, frozen_class, is_frozen_bn, is_norm, may_swap
+from .norm import FrozenBatchNorm, frozen_class, may_swap
 from .rules import Rule
 from .select import Resolver, Selector, Unmatched
 
@@ -128,11 +128,7 @@ class _NormMasks:
 
     def __init__(self, index: ModelIndex):
         self.index = index
-        self.stats = index.norm_stats  # read in the walk
-
-    @cached_property
-    def norm(self) -> np.ndarray:
-        return self.index.class_mask(is_norm)
+        self.norm, self.stats = index.norms, index.norm_stats  # read in the walk
 
     @cached_property
     def swap(self) -> np.ndarray:
@@ -241,10 +237,10 @@ class Plan:
     @cached_property
     def _swaps(self) -> dict[int, bool]:
         """Unique module -> True (swap in a FrozenBatchNorm) / False (restore the original)."""
-        d = self._d.swapped
-        is_frozen = self._index.class_mask(is_frozen_bn)
-        changed = ((d >= 0) & ((d == 1) != is_frozen)).nonzero()[0]
-        return dict(zip(changed.tolist(), (d[changed] == 1).tolist()))
+        d, modules = self._d.swapped, self._index.modules
+        decided = (d >= 0).nonzero()[0].tolist()
+        return {u: want for u, want in zip(decided, (d[decided] == 1).tolist())
+                if want != isinstance(modules[u], FrozenBatchNorm)}
 
     @cached_property
     def _locked_now(self) -> np.ndarray:

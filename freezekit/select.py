@@ -27,7 +27,6 @@ import torch.nn as nn
 
 from .errors import ConfigError, PatternError, closest
 from .index import ModelIndex
-from .norm import is_norm
 
 __all__ = [
     "Selection",
@@ -318,7 +317,7 @@ class Types(Selector):
 class Norms(Selector):
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
         idx = r.index
-        hits = idx.class_mask(is_norm)
+        hits = idx.norms
         if not np.count_nonzero(hits):
             r.unmatched.append(Unmatched(self, "norms()", "type"))
         return idx.expand_modules(hits)
@@ -446,8 +445,11 @@ class Union(Selector):
     parts: tuple[Selector, ...]
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
-        resolved = [r.resolve(p) for p in self.parts]
-        return np.logical_or.reduce([m for m, _ in resolved]), np.logical_or.reduce([p for _, p in resolved])
+        mods, pars = r.resolve(self.parts[0])
+        for part in self.parts[1:]:
+            m, p = r.resolve(part)
+            mods, pars = mods | m, pars | p
+        return mods, pars
 
     def to_config(self) -> Any:
         return {"union": [p.to_config() for p in self.parts]}
@@ -461,8 +463,11 @@ class Intersection(Selector):
     parts: tuple[Selector, ...]
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
-        resolved = [r.resolve(p) for p in self.parts]
-        return np.logical_and.reduce([m for m, _ in resolved]), np.logical_and.reduce([p for _, p in resolved])
+        mods, pars = r.resolve(self.parts[0])
+        for part in self.parts[1:]:
+            m, p = r.resolve(part)
+            mods, pars = mods & m, pars & p
+        return mods, pars
 
     def to_config(self) -> Any:
         return {"intersection": [p.to_config() for p in self.parts]}
