@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 from collections.abc import Callable
 from functools import cached_property
 
@@ -46,6 +47,8 @@ _class_code: dict[type, int] = {}
 _numbered: list[type] = []
 _flags_stats: set[type] = set()  # norm classes that keep running statistics where track_running_stats says so
 _numbering = threading.Lock()
+# test -> its result for each numbered class, by number (class_mask); dropped with the test
+_tested: weakref.WeakKeyDictionary[Callable[[type], bool], list[bool]] = weakref.WeakKeyDictionary()
 
 
 def _wrapper_attr(cls: type) -> str | None:
@@ -222,6 +225,7 @@ class ModelIndex:
         self._parent = mod_parent
         self.mod_pstart = np.array(mod_pstart, dtype=np.int64)
         self.mod_end = np.array(mod_end, dtype=np.int64)
+        self._ends = mod_end
         self.mod_uid, self.modules, self.module_names = _dedup(occ, mod_names)
         self.par_uid, self.params, self.param_names = _dedup(par_occ, par_names)
         self._class_numbers = mod_cls
@@ -265,14 +269,18 @@ class ModelIndex:
     def model_name(self) -> str:
         return type(self.root).__name__
 
-    def expand(self, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def expand(self, hits: np.ndarray, spans_subtrees: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Resolve matched names (a mask over :attr:`names`) to unique (module mask, parameter mask).
 
         A matched module occurrence selects itself, every module below it and every parameter
-        below it; a matched parameter occurrence selects that parameter.
+        below it; a matched parameter occurrence selects that parameter. ``spans_subtrees``: the
+        hits already hold every name below a matched module (a glob ending in ``*``).
         """
-        covered = self.subtrees(hits[: self.n_mod_occ])
-        par_covered = covered[self.param_owner] | hits[self.n_mod_occ:]
+        if spans_subtrees:
+            covered, par_covered = hits[: self.n_mod_occ], hits[self.n_mod_occ:]
+        else:
+            covered = self.subtrees(hits[: self.n_mod_occ])
+            par_covered = covered[self.param_owner] | hits[self.n_mod_occ:]
         return (self._unique(covered, self.mod_uid, self.n_modules),
                 self._unique(par_covered, self.par_uid, self.n_params))
 
@@ -320,21 +328,24 @@ class ModelIndex:
             of = of[first]
         return of
 
-    @cached_property
-    def _present(self) -> list[int]:
-        return np.bincount(self.class_of).nonzero()[0].tolist()
-
     def class_mask(self, test: Callable[[type], bool]) -> np.ndarray:
-        """Unique-module mask of the modules whose class passes ``test`` (called once per class)."""
-        present = self._present
-        table = np.zeros(present[-1] + 1, dtype=bool)
-        table[present] = [bool(test(_numbered[c])) for c in present]
-        return table[self.class_of]
+        """Unique-module mask of the modules whose class passes ``test``, a pure function of the
+        class: it is called once per class and test in the process."""
+        known = _tested.get(test, [])
+        if len(known) < len(_numbered):  # classes numbered since: a new list, safe across threads
+            known = known + [bool(test(cls)) for cls in _numbered[len(known):]]
+            _tested[test] = known
+        return np.array(known, dtype=bool)[self.class_of]
 
     def children(self, occurrence: int) -> list[int]:
-        """Occurrence indices of the direct children of ``occurrence``, in order."""
-        inside = self.mod_parent[occurrence + 1: self.mod_end[occurrence]]
-        return ((inside == occurrence).nonzero()[0] + occurrence + 1).tolist()
+        """Occurrence indices of the direct children of ``occurrence``, in order: each child's
+        subtree ends where the next child starts."""
+        ends, out = self._ends, []
+        child, stop = occurrence + 1, ends[occurrence]
+        while child < stop:
+            out.append(child)
+            child = ends[child]
+        return out
 
     @cached_property
     def param_owner(self) -> np.ndarray:
@@ -376,8 +387,12 @@ class ModelIndex:
 def _dedup(objects: list, names: list[str]) -> tuple[np.ndarray, list, list[str]]:
     """Unique ``objects`` by identity, in first-seen order, with the name of each one's first
     occurrence, and the map from each occurrence to its unique index."""
-    ids = list(map(id, objects))  # ids hash cheaper than tensors, whose __hash__ is Python code
-    if len(set(ids)) == len(ids):  # the common case: nothing shared
+    try:  # a set compares identity first: if it holds as many as the list, nothing is shared
+        distinct = bool(objects) and isinstance(objects[0], nn.Module) and len(set(objects)) == len(objects)
+    except TypeError:  # an unhashable module class
+        distinct = False
+    ids = None if distinct else list(map(id, objects))  # tensors hash in Python: ids are cheaper
+    if distinct or len(set(ids)) == len(ids):  # the common case: nothing shared
         return np.arange(len(objects), dtype=np.int64), objects, names
     _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")

@@ -84,6 +84,21 @@ def is_literal(pattern: str) -> bool:
     return not any(c in pattern for c in "*?[")
 
 
+def glob_spans_subtrees(pattern: str) -> bool:
+    """True if a glob that matches a module's name matches every name below it: it ends in ``*``,
+    which takes any ``.child.param`` after a match."""
+    return pattern.endswith("*")
+
+
+def regex_spans_subtrees(pattern: str) -> bool:
+    """:func:`glob_spans_subtrees` for a regex, on names without newlines: it ends in an unescaped
+    ``.*``, and nothing (an alternation, an anchor, a lookaround) can see past a match's end."""
+    if not pattern.endswith(".*") or "|" in pattern or "(?(" in pattern or _LOOKS_AROUND.search(pattern):
+        return False
+    body = pattern[:-2]
+    return (len(body) - len(body.rstrip("\\"))) % 2 == 0  # an even run of backslashes escapes no dot
+
+
 class NameList:
     """A list of names with fast exact lookup and fast whole-list regex matching."""
 
@@ -177,6 +192,13 @@ class NameList:
         """The blob as bytes, where it is ASCII (a character per byte: numpy can compare them)."""
         return self.blob.encode("ascii") if self.blob is not None and self.blob.isascii() else None
 
+    @cached_property
+    def _words(self) -> np.ndarray:
+        """The 8 characters from every offset of the ASCII blob, as one little-endian integer each
+        (the blob is padded with NULs for the last ones): 8 characters compare in one operation."""
+        padded = self._ascii + bytes(8)
+        return np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
+
     def _holding(self, literal: str) -> np.ndarray:
         """Mask of the names whose line holds ``literal``. One that starts (or ends) with the
         newline is compared at every line's start (end) at once; others are searched for."""
@@ -185,16 +207,26 @@ class NameList:
         if literal.startswith("\n") != end and blob is not None and literal.isascii() and "\0" not in literal \
                 and len(literal) <= len(blob):
             text = literal.strip("\n").encode("ascii")
-            # a window past either end of the blob is moved inside, where it holds a newline
+            # a window past either end of the blob is moved inside, where it holds a newline; too
+            # long for its line, a window holds a newline too, which text does not
             if end:
                 at = np.maximum(self.newlines[1:] - len(text), 0)
             else:
                 at = np.minimum(self.newlines[:-1] + 1, len(blob) - len(text))
-            # every window of len(text) characters, as one fixed-width string; too long for its
-            # line, it holds a newline, which text does not
-            windows = np.ndarray((len(blob) - len(text) + 1,), dtype=f"S{len(text)}", buffer=blob, strides=(1,))
-            return windows[at] == text
+            return self._equal_at(at, text)
         return self._lines_at(self._occurrences(literal))
+
+    def _equal_at(self, at: np.ndarray, text: bytes) -> np.ndarray:
+        """Mask over ``at`` (blob offsets, each at most ``len(blob) - len(text)``) of those where
+        the blob reads ``text``: compared 8 characters at a time, the last 8 overlapping."""
+        words, n = self._words, len(text)
+        if n < 8:
+            return (words[at] & ((1 << 8 * n) - 1)) == int.from_bytes(text, "little")
+        same = None
+        for offset in [*range(0, n - 7, 8), *([n - 8] if n % 8 else [])]:
+            here = words[at + offset if offset else at] == int.from_bytes(text[offset: offset + 8], "little")
+            same = here if same is None else same & here
+        return same
 
     def _occurrences(self, literal: str) -> np.ndarray:
         """Blob offsets of the non-overlapping occurrences of ``literal``, found in C by one split."""

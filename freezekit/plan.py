@@ -8,7 +8,6 @@ things: a parameter's ``requires_grad``; a module's eval lock; a BatchNorm's swa
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -95,13 +94,20 @@ def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mo
     """The decisions, read from the deciding rules. A freeze speaks for the norm layers with
     running statistics among its modules, and for no other module."""
 
-    def by_rule(value: Callable[[Rule], bool]) -> np.ndarray:  # a value per rule, and -1 at [-1]: no rule
-        return np.array([value(rule) for rule in rules] + [-1], dtype=np.int8)
-
-    rg = by_rule(lambda r: r.action == "unfreeze")[par_by]
-    if any(r.action == "freeze" and r.norm == "trainable" for r in rules):  # norm parameters stay trainable
-        rg[(by_rule(lambda r: r.action == "freeze" and r.norm == "trainable")[par_by] == 1) & masks.param] = 1
-    locked, locked_by = by_rule(lambda r: r.action == "eval_mode")[mod_ue], mod_ue.copy()
+    # what each rule's action and norm mode make of what it decides; [-1] is "no rule"
+    kinds = [("freeze:" + r.norm) if r.action == "freeze" else r.action for r in rules]
+    unfreezes, locks, trains, locks_norms, adapts, frozen_bn = np.array([
+        [k == "unfreeze" for k in kinds] + [-1],
+        [k == "eval_mode" for k in kinds] + [-1],
+        [k == "freeze:trainable" for k in kinds] + [-1],
+        [k in ("eval_mode", "freeze:eval", "freeze:frozen_bn") for k in kinds] + [-1],
+        [k == "freeze:train" for k in kinds] + [-1],
+        [k == "freeze:frozen_bn" for k in kinds] + [-1],
+    ], dtype=np.int8)
+    rg = unfreezes[par_by]
+    if "freeze:trainable" in kinds:  # norm parameters stay trainable
+        rg[(trains[par_by] == 1) & masks.param] = 1
+    locked, locked_by = locks[mod_ue], mod_ue.copy()
     swapped, swapped_by = np.full(len(mod_fu), -1, dtype=np.int8), np.full(len(mod_fu), -1, dtype=np.int32)
     adapt = np.full(len(mod_fu), -1, dtype=np.int8)
     stats = masks.stats.nonzero()[0]
@@ -109,15 +115,14 @@ def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mo
         fu = mod_fu[stats]
         by = np.maximum(fu, mod_ue[stats])
         locked_by[stats] = by
-        locked[stats] = by_rule(lambda r: r.action == "eval_mode"
-                                or (r.action == "freeze" and r.norm in ("eval", "frozen_bn")))[by]
-        adapt[stats] = by_rule(lambda r: r.action == "freeze" and r.norm == "train")[by]
+        locked[stats] = locks_norms[by]
+        adapt[stats] = adapts[by]
         chosen = fu >= 0  # by a freeze or unfreeze, which decide swaps
         if np.count_nonzero(chosen):
             swap = stats[chosen & masks.swap[stats]]
             by = mod_fu[swap]
             swapped_by[swap] = by
-            frozen = by_rule(lambda r: r.action == "freeze" and r.norm == "frozen_bn")[by]
+            frozen = frozen_bn[by]
             swapped[swap] = frozen
             locked[swap[(frozen == 1) & (locked_by[swap] == by)]] = 0  # a frozen BatchNorm needs no lock
     return Decisions(rg, par_by, locked, locked_by, swapped, swapped_by, adds, spoke, adapt)

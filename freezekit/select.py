@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .errors import ConfigError, PatternError, closest
 from .index import ModelIndex
+from .names import glob_spans_subtrees, regex_spans_subtrees
 
 __all__ = [
     "Selection",
@@ -175,7 +176,8 @@ class Glob(Selector):
     patterns: tuple[str, ...]
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
-        return r.index.expand(_hits(r, self, self.patterns, r.index.names.glob))
+        hits = _hits(r, self, self.patterns, r.index.names.glob)
+        return r.index.expand(hits, all(map(glob_spans_subtrees, self.patterns)))
 
     def to_config(self) -> Any:
         if len(self.patterns) == 1 and not self.patterns[0].startswith("re:"):
@@ -202,7 +204,9 @@ class Regex(Selector):
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
         by_pattern = dict(zip(self.patterns, self.compiled))
-        return r.index.expand(_hits(r, self, self.patterns, lambda p: r.index.names.regex(by_pattern[p]), "re:"))
+        hits = _hits(r, self, self.patterns, lambda p: r.index.names.regex(by_pattern[p]), "re:")
+        spans = r.index.names.blob is not None and all(map(regex_spans_subtrees, self.patterns))
+        return r.index.expand(hits, spans)
 
     def to_config(self) -> Any:
         if len(self.patterns) == 1:
