@@ -201,7 +201,7 @@ def _tied_conflicts(index: ModelIndex) -> list[Finding]:
     # One tensor reachable under several names, some behind an output boundary and some not.
     if len(index.par_uid) > index.n_params:
         cut = np.zeros(index.n_modules, dtype=bool)
-        for u in index.maybe_cut.nonzero()[0].tolist():
+        for u in index.maybe_cut:
             cut[u] = any(b.at == "output" for b in _boundary.boundaries(index.modules[u]))
         if cut.any():
             only_under = index.params_only_under(cut)

@@ -231,15 +231,21 @@ class ModelIndex:
         self._class_numbers = mod_cls
         self.norms = self._marked(with_norm)  # norm layers (is_norm of their class)
         self.norm_stats = self._marked(with_stats)  # those that keep running statistics
-        self.adapting = self._marked(with_mark)  # norm layers marked as chosen to adapt their statistics
-        self.maybe_locked = self._marked(with_train)
-        self.maybe_cut = self._marked(with_forward)
+        # rarely any: unique modules, in order
+        self.adapting = self._uniques(with_mark)  # norm layers marked as chosen to adapt their statistics
+        self.maybe_locked = self._uniques(with_train)
+        self.maybe_cut = self._uniques(with_forward)
 
     def _marked(self, occurrences: list[int]) -> np.ndarray:
         mask = np.zeros(self.n_modules, dtype=bool)
         if occurrences:
-            mask[self.mod_uid[occurrences]] = True
+            mask[occurrences if len(self.mod_uid) == self.n_modules else self.mod_uid[occurrences]] = True
         return mask
+
+    def _uniques(self, occurrences: list[int]) -> list[int]:
+        if not occurrences or len(self.mod_uid) == self.n_modules:  # nothing shared: the same numbers
+            return occurrences
+        return sorted(set(self.mod_uid[occurrences].tolist()))
 
     @cached_property
     def mod_parent(self) -> np.ndarray:

@@ -222,9 +222,9 @@ class Plan:
         # The locks and boundaries the model holds now, read once: a plan keeps describing
         # the model it was made on when it is read after an apply (``applied.plan`` included).
         modules = index.modules
-        self._cuts_before = {u: tuple(_boundary.boundaries(modules[u])) for u in index.maybe_cut.nonzero()[0].tolist()}
+        self._cuts_before = {u: tuple(_boundary.boundaries(modules[u])) for u in index.maybe_cut}
         self._locked_before = np.zeros(len(modules), dtype=bool)
-        self._locked_before[[u for u in index.maybe_locked.nonzero()[0].tolist() if _lock.is_locked(modules[u])]] = True
+        self._locked_before[[u for u in index.maybe_locked if _lock.is_locked(modules[u])]] = True
         self._locked_now  # noqa: B018 -- computed now: it reads the locks of swapped-out originals
         self.warnings = self._dead_rules()
 
@@ -285,7 +285,7 @@ class Plan:
         """Unique parameters behind an output boundary after the plan."""
         index = self._index
         cut = np.zeros(index.n_modules, dtype=bool)
-        for u in index.maybe_cut.nonzero()[0].tolist():
+        for u in index.maybe_cut:
             cut[u] = any(b.at == "output" for b in self._cuts_before[u])
         for u, i in self._d.boundaries:
             if self.policy.rules[i].at == "output":

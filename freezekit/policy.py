@@ -129,14 +129,15 @@ class Applied:
             for module in [modules[u] for u in (lock_change == 0).nonzero()[0].tolist()]:
                 released.append((module, _lock.unlock(module)))
             _lock.lock_all(locked)  # undone by unlocking those that got locked
-        marked = index.adapting  # as the walk read them; a swapped-in module is asked again
-        todo = ((adapt == 1) & ~marked) | ((adapt == 0) & marked)
-        if at:
-            todo[list(at)] |= adapt[list(at)] >= 0
-        if np.count_nonzero(todo):
+        marked = set(index.adapting)  # as the walk read them; a swapped-in module is asked again
+        todo = {u for u in (adapt == 1).nonzero()[0].tolist() if u not in marked}
+        todo.update(u for u in marked if adapt[u] == 0)
+        todo.update(u for u in at if adapt[u] >= 0)
+        if todo:
             marks = []
             log.append(("attribute", marks))
-            for u, want in zip(todo.nonzero()[0].tolist(), adapt[todo].tolist()):
+            for u in sorted(todo):
+                want = adapt[u] == 1
                 state = modules[u].__dict__
                 if STATS_ADAPT in state:
                     if not want:

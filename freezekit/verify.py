@@ -87,7 +87,9 @@ def _identity(t: torch.Tensor) -> tuple[int, int]:
 def _watched(model: nn.Module) -> tuple[str, list[tuple[str, torch.Tensor]]]:
     index = ModelIndex(model)
     out = [(n, p) for n, p, rg in zip(index.param_names, index.params, index.requires_grad.tolist()) if not rg]
-    fixed = index.class_mask(is_norm) & (index.maybe_locked | index.class_mask(is_frozen_bn))
+    may_hold = index.class_mask(is_frozen_bn)
+    may_hold[index.maybe_locked] = True
+    fixed = index.class_mask(is_norm) & may_hold
     for u in fixed.nonzero()[0].tolist():
         module = index.modules[u]
         if isinstance(module, FrozenBatchNorm) or is_locked(module):
