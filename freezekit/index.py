@@ -150,8 +150,6 @@ class ModelIndex:
         # memory costs more than the walk. Order is named_modules()'s.
         occ: list[nn.Module] = [root]
         mod_names: list[str] = [""]
-        mod_parent: list[int] = [-1]
-        mod_pstart: list[int] = [0]
         mod_end: list[int] = [0]  # set when the root's children are done
         code = _code(root.__class__)
         mod_cls: list[int] = [code if code >= 0 else -2 - code]
@@ -162,10 +160,11 @@ class ModelIndex:
         with_forward: list[int] = [0] if "forward" in root.__dict__ else []  # may hold a boundary
         par_occ: list[nn.Parameter] = [p for p in root._parameters.values() if p is not None]
         par_names: list[str] = [k for k, p in root._parameters.items() if p is not None]
-        add_mod, add_name, add_parent, add_pstart = occ.append, mod_names.append, mod_parent.append, mod_pstart.append
-        add_end, add_cls, add_par, add_pname = mod_end.append, mod_cls.append, par_occ.append, par_names.append
+        par_owner: list[int] = [0] * len(par_occ)  # the module occurrence that holds each
+        add_mod, add_name, add_end, add_cls = occ.append, mod_names.append, mod_end.append, mod_cls.append
+        add_par, add_pname, add_owner = par_occ.append, par_names.append, par_owner.append
         code_of, flagged = _class_code.get, _flags_stats
-        n_par, i = len(par_occ), 1  # i: the occurrence number of the next module
+        i = 1  # the occurrence number of the next module
         stack = [(iter(root._modules.items()), "", 0)]
         while stack:
             children, prefix, parent = stack[-1]
@@ -191,8 +190,6 @@ class ModelIndex:
                 name = prefix + key
                 add_mod(module)
                 add_name(name)
-                add_parent(parent)
-                add_pstart(n_par)
                 add_end(i + 1)  # a leaf's; a container's is set when its children are done
                 if "train" in state:
                     with_train.append(i)
@@ -206,7 +203,7 @@ class ModelIndex:
                         if p is not None:
                             add_par(p)
                             add_pname(f"{name}.{pname}")
-                            n_par += 1
+                            add_owner(i)
                 sub = state.get("_modules")
                 if sub is None:
                     sub = module._modules
@@ -217,13 +214,11 @@ class ModelIndex:
             else:
                 stack.pop()
                 mod_end[parent] = i
-        mod_pstart.append(n_par)
 
         self.mod_names, self.par_names = mod_names, par_names
         self.n_mod_occ = len(mod_names)
         self.names = NameList(mod_names + par_names)  # every name, modules first: one scan per pattern
-        self._parent = mod_parent
-        self.mod_pstart = np.array(mod_pstart, dtype=np.int64)
+        self.param_owner = np.array(par_owner, dtype=np.int64)  # parameter occurrence -> module occurrence
         self.mod_end = np.array(mod_end, dtype=np.int64)
         self._ends = mod_end
         self.mod_uid, self.modules, self.module_names = _dedup(occ, mod_names)
@@ -249,8 +244,21 @@ class ModelIndex:
 
     @cached_property
     def mod_parent(self) -> np.ndarray:
-        """Module occurrence -> occurrence of its parent (-1 for the root)."""
-        return np.array(self._parent, dtype=np.int64)
+        """Module occurrence -> occurrence of its parent (-1 for the root): the innermost module
+        whose subtree is still open."""
+        ends, parent, open_ = self._ends, [-1] * len(self._ends), [0]
+        for i in range(1, len(ends)):
+            while ends[open_[-1]] <= i:
+                open_.pop()
+            parent[i] = open_[-1]
+            open_.append(i)
+        return np.array(parent, dtype=np.int64)
+
+    @cached_property
+    def mod_pstart(self) -> np.ndarray:
+        """Module occurrence -> its first parameter occurrence, and the number of them at the end:
+        the parameters of a subtree are ``mod_pstart[i]:mod_pstart[mod_end[i]]``."""
+        return np.concatenate(([0], np.bincount(self.param_owner, minlength=self.n_mod_occ).cumsum()))
 
     @cached_property
     def requires_grad(self) -> np.ndarray:
@@ -352,12 +360,6 @@ class ModelIndex:
             out.append(child)
             child = ends[child]
         return out
-
-    @cached_property
-    def param_owner(self) -> np.ndarray:
-        """Parameter occurrence -> module occurrence that holds it directly."""
-        pstart = self.mod_pstart
-        return self._positions.repeat(pstart[1:] - pstart[:-1])
 
     def complete_roots(self, modules: np.ndarray) -> np.ndarray:
         """Unique mask of the outermost modules whose whole subtree lies in the unique mask ``modules``."""

@@ -223,8 +223,7 @@ class Plan:
         # the model it was made on when it is read after an apply (``applied.plan`` included).
         modules = index.modules
         self._cuts_before = {u: tuple(_boundary.boundaries(modules[u])) for u in index.maybe_cut}
-        self._locked_before = np.zeros(len(modules), dtype=bool)
-        self._locked_before[[u for u in index.maybe_locked if _lock.is_locked(modules[u])]] = True
+        self._locked_before = {u for u in index.maybe_locked if _lock.is_locked(modules[u])}
         self._locked_now  # noqa: B018 -- computed now: it reads the locks of swapped-out originals
         self.warnings = self._dead_rules()
 
@@ -248,25 +247,25 @@ class Plan:
                 if want != isinstance(modules[u], FrozenBatchNorm)}
 
     @cached_property
-    def _locked_now(self) -> np.ndarray:
+    def _locked_now(self) -> set[int]:
         """Unique modules locked now; for a place about to be swapped, the module that will sit there."""
-        modules = self._index.modules
-        now = self._locked_before.copy()
+        modules, now = self._index.modules, set(self._locked_before)
         for u, swap in self._swaps.items():
-            now[u] = False if swap else _lock.is_locked(modules[u].original)
+            if not swap and _lock.is_locked(modules[u].original):
+                now.add(u)
+            else:
+                now.discard(u)
         return now
 
     @cached_property
-    def _lock_change(self) -> np.ndarray:
-        """int8 per unique module: 1 lock, 0 release, -1 leave as is."""
-        d = self._d.locked
-        return np.where((d >= 0) & ((d == 1) != self._locked_now), d, -1).astype(np.int8)
-
-    @cached_property
     def _locks(self) -> dict[int, bool]:
-        """Unique module -> lock (True) / release (False), where that changes something."""
-        changed = (self._lock_change >= 0).nonzero()[0]
-        return dict(zip(changed.tolist(), (self._lock_change[changed] == 1).tolist()))
+        """Unique module -> lock (True) / release (False), where that changes something, in order."""
+        d, now = self._d.locked, self._locked_now
+        lock = [u for u in (d == 1).nonzero()[0].tolist() if u not in now]
+        release = [u for u in now if d[u] == 0]
+        if not release:
+            return dict.fromkeys(lock, True)
+        return dict(sorted([*((u, True) for u in lock), *((u, False) for u in release)]))
 
     @cached_property
     def _new_boundaries(self) -> list[tuple[int, int]]:
@@ -326,9 +325,9 @@ class Plan:
             if u in self._locks:
                 locked = self._locks[u]
             elif self._d.locked[u] >= 0 or u in self._swaps:
-                locked = bool(self._locked_now[u])
+                locked = u in self._locked_now
             else:
-                locked = bool(self._locked_before[u])
+                locked = u in self._locked_before
             out[name] = ModulePlan(shown.__name__, locked, is_frozen, sides,
                                    rules[by] if by >= 0 else None,
                                    u in self._swaps or u in self._locks or u in added)
@@ -365,9 +364,9 @@ class Plan:
         d, n = self._d, len(self.policy.rules)
         # Releasing a lock only matters where one was; a rule whose only surviving decisions are
         # releases (an unfreeze overridden by a later freeze) is as good as dead.
-        deciding = np.zeros(n, dtype=bool)
+        deciding = np.zeros(n + 1, dtype=bool)  # [-1]: no rule
         for by in (d.requires_grad_by, d.locked_by[d.locked == 1], d.swapped_by):
-            deciding[by[by >= 0]] = True
+            deciding[by] = True
         out = []
         for i, rule in enumerate(self.policy.rules):
             if rule.action != "detach" and d.spoke[i] and not deciding[i]:

@@ -121,12 +121,12 @@ class Applied:
         # 3. eval locks, on the module that now sits at each place; then the marks of norm layers
         # whose statistics were chosen to adapt (audit reads them)
         modules = index.modules if not at else [at.get(u, m) for u, m in enumerate(index.modules)]
-        lock_change, adapt = plan._lock_change, d.stats_adapt
-        if np.count_nonzero(lock_change >= 0):
-            locked = [modules[u] for u in (lock_change == 1).nonzero()[0].tolist()]
+        adapt = d.stats_adapt
+        if plan._locks:
+            locked = [modules[u] for u, lock in plan._locks.items() if lock]
             released = []
             log += [("locked", locked), ("unlocked", released)]
-            for module in [modules[u] for u in (lock_change == 0).nonzero()[0].tolist()]:
+            for module in [modules[u] for u, lock in plan._locks.items() if not lock]:
                 released.append((module, _lock.unlock(module)))
             _lock.lock_all(locked)  # undone by unlocking those that got locked
         marked = set(index.adapting)  # as the walk read them; a swapped-in module is asked again
