@@ -109,7 +109,7 @@ class NameList:
         """Position of ``name`` (among the first ``stop`` names), or None."""
         if "blob" in self.__dict__ and self.blob is not None and "\n" not in name:
             at = self.blob.find(f"\n{name}\n")  # names are unique: the first is the one
-            k = int(np.searchsorted(self.newlines, at)) if at >= 0 else None
+            k = int(self.newlines.searchsorted(at)) if at >= 0 else None
             return k if k is not None and (stop is None or k < stop) else None
         try:  # a C scan: cheaper than joining the blob for a few lookups
             return self.names.index(name, 0, len(self.names) if stop is None else stop)
@@ -183,28 +183,28 @@ class NameList:
     def newlines(self) -> np.ndarray:
         """Character offset in the blob of the newline before each name, and of the last newline."""
         if self._ascii is not None:
-            return np.flatnonzero(np.frombuffer(self._ascii, dtype=np.uint8) == 10)
+            return (np.frombuffer(self._ascii, dtype=np.uint8) == 10).nonzero()[0]
         lengths = np.fromiter(map(len, self.names), dtype=np.int64, count=len(self.names)) + 1
         return np.concatenate(([0], np.cumsum(lengths)))
 
     @cached_property
     def _ascii(self) -> bytes | None:
-        """The blob as bytes, where it is ASCII (a character per byte: numpy can compare them)."""
-        return self.blob.encode("ascii") if self.blob is not None and self.blob.isascii() else None
+        """The blob as bytes, where it is ASCII (a character per byte: numpy can compare them),
+        and 8 NULs, so that a word read at any character of the blob stays inside."""
+        return self.blob.encode("ascii") + bytes(8) if self.blob is not None and self.blob.isascii() else None
 
     @cached_property
     def _words(self) -> np.ndarray:
-        """The 8 characters from every offset of the ASCII blob, as one little-endian integer each
-        (the blob is padded with NULs for the last ones): 8 characters compare in one operation."""
-        padded = self._ascii + bytes(8)
-        return np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
+        """The 8 characters from every offset of the ASCII blob, as one little-endian integer each:
+        8 characters compare in one operation."""
+        return np.ndarray((len(self._ascii) - 7,), dtype="<u8", buffer=self._ascii, strides=(1,))
 
     def _holding(self, literal: str) -> np.ndarray:
         """Mask of the names whose line holds ``literal``. One that starts (or ends) with the
         newline is compared at every line's start (end) at once; others are searched for."""
         end = literal.endswith("\n")
-        blob = self._ascii
-        if literal.startswith("\n") != end and blob is not None and literal.isascii() and "\0" not in literal \
+        blob = self.blob
+        if literal.startswith("\n") != end and self._ascii is not None and literal.isascii() and "\0" not in literal \
                 and len(literal) <= len(blob):
             text = literal.strip("\n").encode("ascii")
             # a window past either end of the blob is moved inside, where it holds a newline; too
@@ -238,7 +238,7 @@ class NameList:
         """Mask of the names whose line holds any of the blob ``offsets`` (a name's line starts at
         the newline before it)."""
         mask = np.zeros(len(self.names), dtype=bool)
-        mask[np.searchsorted(self.newlines, offsets, side="right") - 1] = True
+        mask[self.newlines.searchsorted(offsets, side="right") - 1] = True
         return mask
 
     def _check(self, line: re.Pattern[str], literal: str) -> np.ndarray | None:
@@ -250,7 +250,7 @@ class NameList:
         with a NUL and numpy finds the marked lines."""
         blob = self.blob
         if literal:
-            candidates = np.flatnonzero(self._holding(literal))
+            candidates = self._holding(literal).nonzero()[0]
             if len(candidates) * 8 < len(self.names):
                 mask = np.zeros(len(self.names), dtype=bool)
                 starts = self.newlines[candidates].tolist()
