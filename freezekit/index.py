@@ -295,8 +295,11 @@ class ModelIndex:
         else:
             covered = self.subtrees(hits[: self.n_mod_occ])
             par_covered = covered[self.param_owner] | hits[self.n_mod_occ:]
-        return (self._unique(covered, self.mod_uid, self.n_modules),
-                self._unique(par_covered, self.par_uid, self.n_params))
+        return self._as_unique(covered, par_covered)
+
+    def _as_unique(self, modules: np.ndarray, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Occurrence masks of modules and parameters as masks of unique ones."""
+        return self._unique(modules, self.mod_uid, self.n_modules), self._unique(params, self.par_uid, self.n_params)
 
     def subtrees(self, roots: np.ndarray) -> np.ndarray:
         """Mask of the module occurrences in the subtree of any occurrence in the mask ``roots``.
@@ -321,9 +324,8 @@ class ModelIndex:
 
     def expand_modules(self, unique: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`expand` for a mask of matched unique modules."""
-        hits = np.zeros(len(self.names.names), dtype=bool)
-        hits[: self.n_mod_occ] = unique if len(unique) == self.n_mod_occ else unique[self.mod_uid]
-        return self.expand(hits)
+        covered = self.subtrees(unique if len(unique) == self.n_mod_occ else unique[self.mod_uid])
+        return self._as_unique(covered, covered[self.param_owner])
 
     def params_only_under(self, unique: np.ndarray) -> np.ndarray:
         """Unique-parameter mask of the parameters every name of which lies under a module of the

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import freezekit as fk
 from freezekit.index import ModelIndex
-from freezekit.names import NameList
+from freezekit.names import NameList, regex_spans_subtrees
 
 
 def by_hand(model: nn.Module, predicate) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -32,6 +32,25 @@ def test_glob_matches_fnmatch_on_every_name(resnet18, pattern):
     sel = fk.glob(pattern).select(resnet18)
     want = by_hand(resnet18, lambda n: fnmatch.fnmatchcase(n, pattern))
     assert (sel.modules, sel.parameters) == want
+
+
+@pytest.mark.parametrize("pattern", [r"layer[12]\.0\..*", r"layer1\.*", r"layer1\\.*", r"fc|layer4.*", r"layer\d.*$",
+                                     r".*bn\d", r"(?!layer).*", r".*"])
+def test_regex_matches_fullmatch_on_every_name(resnet18, pattern):
+    # regexes ending in an unescaped .* (with nothing that sees past a match) skip subtree expansion
+    sel = fk.regex(pattern).select(resnet18)
+    want = by_hand(resnet18, lambda n: re.fullmatch(pattern, n) is not None)
+    assert (sel.modules, sel.parameters) == want
+
+
+@pytest.mark.parametrize(("pattern", "spans"), [
+    (r"a.*", True), (r"a\.*", False), (r"a\\.*", True), (r"a\\\.*", False), (r"a|b.*", False),
+    (r"a\b.*", False), (r"a$.*", False), (r"(?!x).*", False), (r"a.*?", False), (r"(a.*)", False)])
+def test_regex_spans_subtrees_only_where_an_extension_still_matches(pattern, spans):
+    assert regex_spans_subtrees(pattern) is spans
+    if spans:  # then every name that extends a match by ".child" matches too
+        match = pattern.replace("\\\\", "\\")[:-2]  # the literal before .*
+        assert re.fullmatch(pattern, match) and re.fullmatch(pattern, match + ".b.c")
 
 
 def test_plain_strings_are_globs_and_re_prefix_is_regex(resnet18):
@@ -208,6 +227,15 @@ names_strategy = st.lists(st.text(alphabet="ab.-]![^\\0é_1", max_size=6), min_s
 @settings(max_examples=300, deadline=None)
 @given(names=names_strategy, pattern=st.text(alphabet="ab.-]![*?^\\0é1", max_size=7))
 def test_glob_engine_equals_fnmatchcase(names, pattern):
+    got = NameList(names).glob(pattern)
+    assert got.tolist() == [fnmatch.fnmatchcase(n, pattern) for n in names]
+
+
+@settings(max_examples=300, deadline=None)
+@given(names=st.lists(st.text(alphabet="ab.1", max_size=24), min_size=1, max_size=40, unique=True),
+       pattern=st.text(alphabet="ab.1*?", max_size=24))
+def test_glob_engine_equals_fnmatchcase_on_long_names(names, pattern):
+    # literals of 8 characters and more are compared a word at a time
     got = NameList(names).glob(pattern)
     assert got.tolist() == [fnmatch.fnmatchcase(n, pattern) for n in names]
 
