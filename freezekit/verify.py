@@ -32,7 +32,7 @@ import torch.nn as nn
 from .errors import FrozenParameterChanged
 from .index import ModelIndex
 from .lock import is_locked
-from .norm import FrozenBatchNorm, is_frozen_bn, is_norm
+from .norm import FrozenBatchNorm, is_frozen_bn
 
 __all__ = ["assert_frozen", "checksum"]
 
@@ -89,7 +89,7 @@ def _watched(model: nn.Module) -> tuple[str, list[tuple[str, torch.Tensor]]]:
     out = [(n, p) for n, p, rg in zip(index.param_names, index.params, index.requires_grad.tolist()) if not rg]
     may_hold = index.class_mask(is_frozen_bn)
     may_hold[index.maybe_locked] = True
-    fixed = index.class_mask(is_norm) & may_hold
+    fixed = index.norms & may_hold  # norm layers, as the walk found them
     for u in fixed.nonzero()[0].tolist():
         module = index.modules[u]
         if isinstance(module, FrozenBatchNorm) or is_locked(module):
