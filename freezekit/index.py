@@ -161,8 +161,6 @@ class ModelIndex:
         par_occ: list[nn.Parameter] = [p for p in root._parameters.values() if p is not None]
         par_names: list[str] = [k for k, p in root._parameters.items() if p is not None]
         par_owner: list[int] = [0] * len(par_occ)  # the module occurrence that holds each
-        add_mod, add_name, add_end, add_cls = occ.append, mod_names.append, mod_end.append, mod_cls.append
-        add_par, add_pname, add_owner = par_occ.append, par_names.append, par_owner.append
         code_of, flagged = _class_code.get, _flags_stats
         i = 1  # the occurrence number of the next module
         stack = [(iter(root._modules.items()), "", 0)]
@@ -185,28 +183,26 @@ class ModelIndex:
                             with_stats.append(i)
                         if STATS_ADAPT in state:
                             with_mark.append(i)
-                add_cls(code)
+                mod_cls.append(code)
                 state = module.__dict__
                 name = prefix + key
-                add_mod(module)
-                add_name(name)
-                add_end(i + 1)  # a leaf's; a container's is set when its children are done
+                occ.append(module)
+                mod_names.append(name)
+                mod_end.append(i + 1)  # a leaf's; a container's is set when its children are done
                 if "train" in state:
                     with_train.append(i)
                 if "forward" in state:
                     with_forward.append(i)
-                own = state.get("_parameters")
-                if own is None:
-                    own = module._parameters
+                try:
+                    own, sub = state["_parameters"], state["_modules"]
+                except KeyError:  # kept elsewhere than the instance dict
+                    own, sub = module._parameters, module._modules
                 if own:
                     for pname, p in own.items():
                         if p is not None:
-                            add_par(p)
-                            add_pname(f"{name}.{pname}")
-                            add_owner(i)
-                sub = state.get("_modules")
-                if sub is None:
-                    sub = module._modules
+                            par_occ.append(p)
+                            par_names.append(f"{name}.{pname}")
+                            par_owner.append(i)
                 i += 1
                 if sub:  # descend; this iterator resumes when that subtree is done
                     stack.append((iter(sub.items()), name + ".", i - 1))
