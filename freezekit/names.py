@@ -17,6 +17,11 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
+try:
+    from re import _parser as _sre_parse  # Python 3.11+
+except ImportError:  # Python 3.10
+    import sre_parse as _sre_parse
+
 __all__ = ["NameList", "glob_to_regex", "is_literal"]
 
 _ANY = "[^\n]*"
@@ -134,10 +139,17 @@ class NameList:
     @cached_property
     def blob(self) -> str | None:
         # One string with a name per line: a regex scans it in C instead of once per name in
-        # Python. Names are arbitrary strings; if one holds a newline or NUL the per-name path is used.
-        blob = "\n" + "\n".join(self.names) + "\n"
-        if blob.count("\n") != len(self.names) + 1 or "\0" in blob:
+        # Python. Names are arbitrary strings; if one holds a newline the per-name path is used.
+        blob = "\n".join(["", *self.names, ""])
+        if not blob.isascii():
+            return blob if blob.count("\n") == len(self.names) + 1 else None
+        # ASCII: a character per byte, which numpy can compare; 8 NULs after, so that a word read
+        # at any character of the blob stays inside. Its newlines are found by numpy.
+        data = blob.encode("ascii") + bytes(8)
+        newlines = (np.frombuffer(data, dtype=np.uint8) == 10).nonzero()[0]
+        if len(newlines) != len(self.names) + 1:
             return None
+        self._ascii, self.newlines = data, newlines
         return blob
 
     def glob(self, pattern: str) -> np.ndarray:
@@ -160,21 +172,19 @@ class NameList:
                 if starts is None or ends is None:
                     return ends if starts is None else starts
                 return starts & ends & (np.diff(self.newlines) > len(head) + len(tail))  # not overlapping
-        mask = self._check(_line_regex(glob_to_regex(pattern), 0), _longest_literal(pattern))
-        return mask if mask is not None else self._each(re.compile(fnmatch.translate(pattern)))
+        return self._check(_line_regex(glob_to_regex(pattern), 0), _longest_literal(pattern))
 
     def regex(self, compiled: re.Pattern[str]) -> np.ndarray:
         """Boolean mask of the names that ``compiled.fullmatch``."""
-        mask = None
-        if self.blob is not None and not _LOOKS_AROUND.search(compiled.pattern):
-            try:
-                line = _line_regex(f"(?:{compiled.pattern})", compiled.flags)
-            except re.error:  # e.g. global inline flags, which cannot sit inside a group
-                line = None
-            if line is not None:
-                head = "" if compiled.flags & _CHANGE_LITERALS else _regex_head(compiled.pattern)
-                mask = self._check(line, "\n" + head if head else "")
-        return mask if mask is not None else self._each(compiled)
+        if self.blob is None or _LOOKS_AROUND.search(compiled.pattern) \
+                or _may_match_newline(compiled.pattern, compiled.flags):
+            return self._each(compiled)
+        try:
+            line = _line_regex(f"(?:{compiled.pattern})", compiled.flags)
+        except re.error:  # e.g. global inline flags, which cannot sit inside a group
+            return self._each(compiled)
+        head = "" if compiled.flags & _CHANGE_LITERALS else _regex_head(compiled.pattern)
+        return self._check(line, "\n" + head if head else "")
 
     def _each(self, compiled: re.Pattern[str]) -> np.ndarray:
         return np.fromiter(map(bool, map(compiled.fullmatch, self.names)), dtype=bool, count=len(self.names))
@@ -182,16 +192,16 @@ class NameList:
     @cached_property
     def newlines(self) -> np.ndarray:
         """Character offset in the blob of the newline before each name, and of the last newline."""
-        if self._ascii is not None:
-            return (np.frombuffer(self._ascii, dtype=np.uint8) == 10).nonzero()[0]
+        if self._ascii is not None:  # found with the blob
+            return self.__dict__["newlines"]
         lengths = np.fromiter(map(len, self.names), dtype=np.int64, count=len(self.names)) + 1
         return np.concatenate(([0], np.cumsum(lengths)))
 
     @cached_property
     def _ascii(self) -> bytes | None:
-        """The blob as bytes, where it is ASCII (a character per byte: numpy can compare them),
-        and 8 NULs, so that a word read at any character of the blob stays inside."""
-        return self.blob.encode("ascii") + bytes(8) if self.blob is not None and self.blob.isascii() else None
+        """The blob as bytes and 8 NULs, where it is ASCII (set with the blob); else None."""
+        self.blob  # noqa: B018 -- sets it if there is one
+        return self.__dict__.get("_ascii")
 
     @cached_property
     def _words(self) -> np.ndarray:
@@ -241,26 +251,23 @@ class NameList:
         mask[self.newlines.searchsorted(offsets, side="right") - 1] = True
         return mask
 
-    def _check(self, line: re.Pattern[str], literal: str) -> np.ndarray | None:
-        """Mask of the names that the line regex ``line`` matches whole; None where the blob cannot
-        answer (a match ran across lines, which a user's ``\\s`` or ``[^x]`` can do).
+    def _check(self, line: re.Pattern[str], literal: str) -> np.ndarray:
+        """Mask of the names that the line regex ``line``, which cannot match a newline, matches
+        whole: a match cannot run into the next name.
 
         The names that hold ``literal``, a piece of the blob every match holds, are found first;
-        if they are few, the regex checks only those. Otherwise one scan marks every matching line
-        with a NUL and numpy finds the marked lines."""
-        blob = self.blob
+        if they are few, the regex is tried at their lines only. Otherwise it scans the blob once."""
+        blob, mask = self.blob, np.zeros(len(self.names), dtype=bool)
         if literal:
             candidates = self._holding(literal).nonzero()[0]
             if len(candidates) * 8 < len(self.names):
-                mask = np.zeros(len(self.names), dtype=bool)
                 starts = self.newlines[candidates].tolist()
                 mask[[k for k, at in zip(candidates.tolist(), starts) if line.match(blob, at)]] = True
                 return mask
-        chars = np.frombuffer(line.sub("\n\0", blob).encode(), dtype=np.uint8)
-        starts = (chars == 10).nonzero()[0][:-1] + 1
-        if len(starts) != len(self.names):
-            return None
-        return chars[starts] == 0
+        starts = [m.start() for m in line.finditer(blob)]
+        if starts:
+            mask[self.newlines.searchsorted(starts)] = True  # each starts at the newline before its name
+        return mask
 
 
 def _longest_literal(pattern: str) -> str:
@@ -321,3 +328,64 @@ def _line_regex(body: str, flags: int) -> re.Pattern[str]:
 # Regex syntax that looks past the name's own characters (anchors, lookarounds): such a regex
 # must not run over the one-name-per-line blob, where it would see the neighbouring names.
 _LOOKS_AROUND = re.compile(r"[$^]|\\[AZbB]|\(\?<?[=!]")
+
+
+@lru_cache(maxsize=4096)
+def _may_match_newline(pattern: str, flags: int) -> bool:
+    """True if a regex could match a newline (``\\s``, ``\\W``, ``[^x]``, ``(?s).``...): over the
+    one-name-per-line blob it could then run into the next name, or, made possessive, fail a name
+    it should match. Read from the parsed pattern; anything not understood counts as a yes."""
+    try:
+        tree = _sre_parse.parse(pattern, flags)
+    except Exception:  # compiled already: a parser that differs counts as a yes
+        return True
+    return _newline_in(tree.data, tree.state.flags)
+
+
+def _newline_in(items: list, flags: int) -> bool:
+    for op, arg in items:
+        kind = op.name
+        if kind == "LITERAL":
+            hit = arg == 10
+        elif kind == "NOT_LITERAL":
+            hit = arg != 10
+        elif kind == "ANY":
+            hit = bool(flags & re.DOTALL)
+        elif kind == "IN":
+            hit = _class_has_newline(arg)
+        elif kind == "SUBPATTERN":  # (group, flags added, flags removed, body)
+            hit = _newline_in(arg[3], (flags | arg[1]) & ~arg[2])
+        elif kind == "BRANCH":
+            hit = any(_newline_in(branch, flags) for branch in arg[1])
+        elif kind in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            hit = _newline_in(arg[2], flags)
+        elif kind == "ATOMIC_GROUP":
+            hit = _newline_in(arg, flags)
+        elif kind == "GROUPREF_EXISTS":  # (group, yes, no)
+            hit = _newline_in(arg[1], flags) or (arg[2] is not None and _newline_in(arg[2], flags))
+        else:  # a backreference repeats a group checked where it is defined
+            hit = kind != "GROUPREF"
+        if hit:
+            return True
+    return False
+
+
+# character categories that hold no newline (\d, \S, \w); every other one holds it
+_NO_NEWLINE = {f"CATEGORY{loc}_{c}" for loc in ("", "_UNI", "_LOC") for c in ("DIGIT", "NOT_SPACE", "WORD")}
+
+
+def _class_has_newline(items: list) -> bool:
+    negate = found = False
+    for op, arg in items:
+        kind = op.name
+        if kind == "NEGATE":
+            negate = True
+        elif kind == "LITERAL":
+            found |= arg == 10
+        elif kind == "RANGE":
+            found |= arg[0] <= 10 <= arg[1]
+        elif kind == "CATEGORY":
+            found |= arg.name not in _NO_NEWLINE
+        else:
+            return True
+    return found != negate

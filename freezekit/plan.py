@@ -9,7 +9,7 @@ things: a parameter's ``requires_grad``; a module's eval lock; a BatchNorm's swa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -94,16 +94,8 @@ def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mo
     """The decisions, read from the deciding rules. A freeze speaks for the norm layers with
     running statistics among its modules, and for no other module."""
 
-    # what each rule's action and norm mode make of what it decides; [-1] is "no rule"
-    kinds = [("freeze:" + r.norm) if r.action == "freeze" else r.action for r in rules]
-    unfreezes, locks, trains, locks_norms, adapts, frozen_bn = np.array([
-        [k == "unfreeze" for k in kinds] + [-1],
-        [k == "eval_mode" for k in kinds] + [-1],
-        [k == "freeze:trainable" for k in kinds] + [-1],
-        [k in ("eval_mode", "freeze:eval", "freeze:frozen_bn") for k in kinds] + [-1],
-        [k == "freeze:train" for k in kinds] + [-1],
-        [k == "freeze:frozen_bn" for k in kinds] + [-1],
-    ], dtype=np.int8)
+    kinds = tuple(("freeze:" + r.norm) if r.action == "freeze" else r.action for r in rules)
+    unfreezes, locks, trains, locks_norms, adapts, frozen_bn = _tables(kinds)
     rg = unfreezes[par_by]
     if "freeze:trainable" in kinds:  # norm parameters stay trainable
         rg[(trains[par_by] == 1) & masks.param] = 1
@@ -126,6 +118,22 @@ def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mo
             swapped[swap] = frozen
             locked[swap[(frozen == 1) & (locked_by[swap] == by)]] = 0  # a frozen BatchNorm needs no lock
     return Decisions(rg, par_by, locked, locked_by, swapped, swapped_by, adds, spoke, adapt)
+
+
+@lru_cache(maxsize=256)
+def _tables(kinds: tuple[str, ...]) -> np.ndarray:
+    """What each rule's action and norm mode make of what it decides (``kinds``: the action, or
+    ``freeze:<norm>``), one row per outcome, indexed by rule number; [-1] is "no rule"."""
+    tables = np.array([
+        [k == "unfreeze" for k in kinds] + [-1],
+        [k == "eval_mode" for k in kinds] + [-1],
+        [k == "freeze:trainable" for k in kinds] + [-1],
+        [k in ("eval_mode", "freeze:eval", "freeze:frozen_bn") for k in kinds] + [-1],
+        [k == "freeze:train" for k in kinds] + [-1],
+        [k == "freeze:frozen_bn" for k in kinds] + [-1],
+    ], dtype=np.int8)
+    tables.flags.writeable = False
+    return tables
 
 
 class _NormMasks:

@@ -249,6 +249,28 @@ def test_regex_engine_equals_fullmatch(names, pattern):
     assert NameList(names).regex(compiled).tolist() == [bool(compiled.fullmatch(n)) for n in names]
 
 
+@settings(max_examples=300, deadline=None)
+@given(names=st.lists(st.text(alphabet="ab._1", max_size=6), min_size=1, max_size=60, unique=True),
+       pieces=st.lists(st.sampled_from(["a", "b", r"\.", ".", "1", "*", "?", "+", "*+", "?+", r"\s", r"[^x]", r"\W",
+                                        r"(\s\w+)?", r"(?s:.)", r"\D", "[ab]", "(a|b)", r"\w", "_"]),
+                       min_size=1, max_size=6))
+def test_regex_engine_equals_fullmatch_where_the_regex_could_match_a_newline(names, pieces):
+    # a regex that can match a newline must not run into the next name of the blob, nor, made
+    # possessive, fail a name it matches alone
+    try:
+        compiled = re.compile("".join(pieces))
+    except re.error:
+        return
+    assert NameList(names).regex(compiled).tolist() == [bool(compiled.fullmatch(n)) for n in names]
+
+
+def test_a_regex_that_could_match_a_newline_matches_only_whole_names():
+    names = ["xab", "cd", "_", *(f"n{i}" for i in range(30))]  # many names: the literal "xab" narrows the search
+    for pattern in (r"xab\scd", r"xab(\s\w+)?", r"_\s?+", r"xab[^z]cd", r"(?s)xab.cd"):
+        compiled = re.compile(pattern)
+        assert NameList(names).regex(compiled).tolist() == [bool(compiled.fullmatch(n)) for n in names], pattern
+
+
 def test_names_with_newlines_fall_back_to_per_name_matching():
     m = nn.Module()
     m.add_module("odd\nname", nn.Linear(2, 2))
