@@ -207,7 +207,7 @@ class NameList:
     def _words(self) -> np.ndarray:
         """The 8 characters from every offset of the ASCII blob, as one little-endian integer each:
         8 characters compare in one operation."""
-        return np.ndarray((len(self._ascii) - 7,), dtype="<u8", buffer=self._ascii, strides=(1,))
+        return np.ndarray((len(self._ascii) - 7,), dtype=_WORD, buffer=self._ascii, strides=(1,))
 
     def _holding(self, literal: str) -> np.ndarray:
         """Mask of the names whose line holds ``literal``. One that starts (or ends) with the
@@ -294,6 +294,7 @@ def _longest_literal(pattern: str) -> str:
 
 
 _STARS = re.compile(r"\*+")
+_WORD = np.dtype("<u8")  # made once: numpy parses a dtype string at every use
 _CHANGE_LITERALS = int(re.IGNORECASE | re.VERBOSE)  # flags under which a pattern's text is not its literal start
 # Characters that stand for themselves in a regex; escaped, these do too: \. \- \_ \/
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-/:,;<>=!@#%&~`' \"")
