@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from functools import cached_property, lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -55,28 +56,41 @@ def _glob_tokens(pattern: str) -> tuple[str, ...]:
             if j >= n:
                 out.append("\\[")
                 continue
-            body, i = pattern[i:j], j + 1
-            negate = body.startswith("!")
-            if negate:
-                body = body[1:]
-            items, k = [], 0
-            while k < len(body):
-                if k + 2 < len(body) and body[k + 1] == "-":
-                    lo, hi = body[k], body[k + 2]
-                    if lo <= hi:  # fnmatch drops reversed ranges
-                        items.append(f"{re.escape(lo)}-{re.escape(hi)}")
-                    k += 3
-                else:
-                    items.append(re.escape(body[k]))
-                    k += 1
-            chars = "".join(items)
-            if negate:
-                out.append(f"[^\n{chars}]")
-            else:
-                out.append(f"[{chars}]" if chars else "(?!)")
+            out.append(_bracket(pattern[i:j]))
+            i = j + 1
         else:
             out.append(re.escape(c))
     return tuple(out)
+
+
+def _bracket(body: str) -> str:
+    """A regex for one character of ``[body]``, never ``\\n``, read as ``fnmatch.translate`` reads it
+    (the same steps): ranges that run backwards are dropped, and what is left is negated if it
+    then starts with ``!`` -- so ``[?-1!]`` is any character, as ``fnmatch`` has it."""
+    if "-" not in body:
+        stuff = body.replace("\\", r"\\")
+    else:
+        chunks, i, k = [], 0, 2 if body[:1] == "!" else 1
+        while (k := body.find("-", k)) >= 0:
+            chunks.append(body[i:k])
+            i, k = k + 1, k + 3
+        if body[i:]:
+            chunks.append(body[i:])
+        else:
+            chunks[-1] += "-"
+        for k in range(len(chunks) - 1, 0, -1):  # drop ranges that run backwards
+            if chunks[k - 1][-1] > chunks[k][0]:
+                chunks[k - 1] = chunks[k - 1][:-1] + chunks[k][1:]
+                del chunks[k]
+        stuff = "-".join(c.replace("\\", r"\\").replace("-", r"\-") for c in chunks)
+    stuff = re.sub(r"([&~|])", r"\\\1", stuff)  # set operations
+    if not stuff:
+        return "(?!)"
+    if stuff[0] == "!":  # the newline last: a "]" right after "^" stays literal
+        return f"[^{stuff[1:]}\n]"
+    if stuff[0] in "^[":
+        stuff = "\\" + stuff
+    return f"(?!\n)[{stuff}]"
 
 
 def glob_to_regex(pattern: str) -> str:
@@ -89,12 +103,35 @@ def is_literal(pattern: str) -> bool:
     return not any(c in pattern for c in "*?[")
 
 
+@lru_cache(maxsize=4096)
+def _glob_plan(pattern: str) -> tuple[str, Any, str]:
+    """How :meth:`NameList.glob` answers ``pattern``, worked out once per pattern: ``("all", "", "")``;
+    ``("exact", name, "")``; ``("each", "", "")``, name by name; ``("holding", LIT, "")`` for
+    ``*LIT*``; ``("ends", HEAD, TAIL)`` for ``HEAD*TAIL`` (either may be empty); else
+    ``("regex", line regex, its longest literal)``."""
+    pattern = _STARS.sub("*", pattern)  # "**" is "*"
+    if pattern == "*":
+        return "all", "", ""
+    if is_literal(pattern):
+        return "exact", pattern, ""
+    if "\n" in pattern:
+        return "each", "", ""
+    parts = pattern.split("*")
+    if not any(c in pattern for c in "?[") and len(parts) <= 3:
+        if len(parts) == 3 and not parts[0] and not parts[2]:
+            return "holding", parts[1], ""
+        if len(parts) == 2:
+            return "ends", parts[0], parts[1]
+    return "regex", _line_regex(glob_to_regex(pattern), 0), _longest_literal(pattern)
+
+
 def glob_spans_subtrees(pattern: str) -> bool:
     """True if a glob that matches a module's name matches every name below it: it ends in ``*``,
     which takes any ``.child.param`` after a match."""
     return pattern.endswith("*")
 
 
+@lru_cache(maxsize=4096)
 def regex_spans_subtrees(pattern: str) -> bool:
     """:func:`glob_spans_subtrees` for a regex, on names without newlines: it ends in an unescaped
     ``.*``, and nothing (an alternation, an anchor, a lookaround) can see past a match's end."""
@@ -154,37 +191,29 @@ class NameList:
 
     def glob(self, pattern: str) -> np.ndarray:
         """Boolean mask of the names that fully match the shell-style ``pattern``."""
-        pattern = _STARS.sub("*", pattern)  # "**" is "*"
-        if pattern == "*":
+        how, a, b = _glob_plan(pattern)
+        if how == "all":
             return np.ones(len(self.names), dtype=bool)
-        if is_literal(pattern):
-            return self.exact(pattern)
-        if self.blob is None or "\n" in pattern:
+        if how == "exact":
+            return self.exact(a)
+        if how == "each" or self.blob is None:
             return self._each(re.compile(fnmatch.translate(pattern)))
-        parts = pattern.split("*")
-        if not any(c in pattern for c in "?[") and len(parts) <= 3:
-            head, tail = parts[0], parts[-1]
-            if len(parts) == 3 and not head and not tail:  # "*LIT*": the names that hold LIT
-                return self._holding(parts[1])
-            if len(parts) == 2:  # "HEAD*", "*TAIL", "HEAD*TAIL"
-                starts = self._holding("\n" + head) if head else None
-                ends = self._holding(tail + "\n") if tail else None
-                if starts is None or ends is None:
-                    return ends if starts is None else starts
-                return starts & ends & (np.diff(self.newlines) > len(head) + len(tail))  # not overlapping
-        return self._check(_line_regex(glob_to_regex(pattern), 0), _longest_literal(pattern))
+        if how == "holding":
+            return self._holding(a)
+        if how == "ends":  # "HEAD*", "*TAIL", "HEAD*TAIL"
+            starts = self._holding("\n" + a) if a else None
+            ends = self._holding(b + "\n") if b else None
+            if starts is None or ends is None:
+                return ends if starts is None else starts
+            return starts & ends & (np.diff(self.newlines) > len(a) + len(b))  # not overlapping
+        return self._check(a, b)
 
     def regex(self, compiled: re.Pattern[str]) -> np.ndarray:
         """Boolean mask of the names that ``compiled.fullmatch``."""
-        if self.blob is None or _LOOKS_AROUND.search(compiled.pattern) \
-                or _may_match_newline(compiled.pattern, compiled.flags):
+        line, literal = _regex_plan(compiled.pattern, compiled.flags)
+        if line is None or self.blob is None:
             return self._each(compiled)
-        try:
-            line = _line_regex(f"(?:{compiled.pattern})", compiled.flags)
-        except re.error:  # e.g. global inline flags, which cannot sit inside a group
-            return self._each(compiled)
-        head = "" if compiled.flags & _CHANGE_LITERALS else _regex_head(compiled.pattern)
-        return self._check(line, "\n" + head if head else "")
+        return self._check(line, literal)
 
     def _each(self, compiled: re.Pattern[str]) -> np.ndarray:
         return np.fromiter(map(bool, map(compiled.fullmatch, self.names)), dtype=bool, count=len(self.names))
@@ -320,10 +349,24 @@ def _regex_head(pattern: str) -> str:
     return "".join(head)
 
 
-@lru_cache(maxsize=4096)
 def _line_regex(body: str, flags: int) -> re.Pattern[str]:
     """``body`` as a whole line of the blob: after a newline, before the next."""
     return re.compile(f"\n{body}(?=\n)", flags)
+
+
+@lru_cache(maxsize=4096)
+def _regex_plan(pattern: str, flags: int) -> tuple[re.Pattern[str] | None, str]:
+    """How :meth:`NameList.regex` answers a regex, worked out once per regex: the line regex that
+    finds its names in the blob, and a piece of the blob every match holds (its literal start);
+    ``(None, "")`` where it must be matched name by name."""
+    if _LOOKS_AROUND.search(pattern) or _may_match_newline(pattern, flags):
+        return None, ""
+    try:
+        line = _line_regex(f"(?:{pattern})", flags)
+    except re.error:  # e.g. global inline flags, which cannot sit inside a group
+        return None, ""
+    head = "" if flags & _CHANGE_LITERALS else _regex_head(pattern)
+    return line, "\n" + head if head else ""
 
 
 # Regex syntax that looks past the name's own characters (anchors, lookarounds): such a regex
@@ -331,7 +374,6 @@ def _line_regex(body: str, flags: int) -> re.Pattern[str]:
 _LOOKS_AROUND = re.compile(r"[$^]|\\[AZbB]|\(\?<?[=!]")
 
 
-@lru_cache(maxsize=4096)
 def _may_match_newline(pattern: str, flags: int) -> bool:
     """True if a regex could match a newline (``\\s``, ``\\W``, ``[^x]``, ``(?s).``...): over the
     one-name-per-line blob it could then run into the next name, or, made possessive, fail a name

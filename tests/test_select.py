@@ -271,6 +271,13 @@ def test_a_regex_that_could_match_a_newline_matches_only_whole_names():
         assert NameList(names).regex(compiled).tolist() == [bool(compiled.fullmatch(n)) for n in names], pattern
 
 
+def test_brackets_read_as_fnmatch_reads_them():
+    # a range that runs backwards is dropped, and what is left is negated if it then starts with "!"
+    names = ["1", "1!", "1]", "1.", "11", "1a", "1-", "!", "]", "a", *(f"n{i}" for i in range(30))]
+    for pattern in ("1[?-1!]", "1[?-1!a]", "[!]]", "1[]-a]", "1[a-]", "*[!]a]", "1[z-a-c]", "1[\\]"):
+        assert NameList(names).glob(pattern).tolist() == [fnmatch.fnmatchcase(n, pattern) for n in names], pattern
+
+
 def test_names_with_newlines_fall_back_to_per_name_matching():
     m = nn.Module()
     m.add_module("odd\nname", nn.Linear(2, 2))
