@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from .names import NameList
-from .norm import STATS_ADAPT, has_running_stats, is_norm, keeps_running_stats
+from .norm import STATS_ADAPT, has_running_stats, is_norm, keeps_running_stats, may_swap
 
 __all__ = ["ModelIndex", "gc_paused", "unwrap"]
 
@@ -46,6 +46,7 @@ _wrapper_attr_cache: dict[type, str | None] = {}
 _class_code: dict[type, int] = {}
 _numbered: list[type] = []
 _flags_stats: set[type] = set()  # norm classes that keep running statistics where track_running_stats says so
+_swappable: set[type] = set()  # norm classes a frozen BatchNorm can replace, and frozen ones (may_swap)
 _numbering = threading.Lock()
 # test -> its result for each numbered class, by number (class_mask); dropped with the test
 _tested: weakref.WeakKeyDictionary[Callable[[type], bool], list[bool]] = weakref.WeakKeyDictionary()
@@ -76,6 +77,8 @@ def _code(cls: type) -> int:
                         code = -2 - code
                         if issubclass(cls, _NormBase):  # says in track_running_stats whether it keeps statistics
                             _flags_stats.add(cls)
+                        if may_swap(cls):
+                            _swappable.add(cls)
                 _class_code[cls] = code
     return code
 
@@ -155,13 +158,14 @@ class ModelIndex:
         mod_cls: list[int] = [code if code >= 0 else -2 - code]
         with_norm: list[int] = [0] if code < -1 else []  # norm layers
         with_stats: list[int] = [0] if code < -1 and keeps_running_stats(root) else []
+        with_swap: list[int] = []  # of those, the ones a frozen BatchNorm may replace; never the root
         with_mark: list[int] = [0] if code < -1 and STATS_ADAPT in root.__dict__ else []  # chosen to adapt
         with_train: list[int] = [0] if "train" in root.__dict__ else []  # may hold an eval lock
         with_forward: list[int] = [0] if "forward" in root.__dict__ else []  # may hold a boundary
         par_occ: list[nn.Parameter] = [p for p in root._parameters.values() if p is not None]
         par_names: list[str] = [k for k, p in root._parameters.items() if p is not None]
         par_owner: list[int] = [0] * len(par_occ)  # the module occurrence that holds each
-        code_of, flagged = _class_code.get, _flags_stats
+        code_of, flagged, swappable = _class_code.get, _flags_stats, _swappable
         i = 1  # the occurrence number of the next module
         stack = [(iter(root._modules.items()), "", 0)]
         while stack:
@@ -181,6 +185,8 @@ class ModelIndex:
                         if (state.get("track_running_stats") if module.__class__ in flagged
                                 else has_running_stats(module)):
                             with_stats.append(i)
+                            if module.__class__ in swappable:
+                                with_swap.append(i)
                         if STATS_ADAPT in state:
                             with_mark.append(i)
                 mod_cls.append(code)
@@ -219,10 +225,14 @@ class ModelIndex:
         self._ends = mod_end
         self.mod_uid, self.modules, self.module_names = _dedup(occ, mod_names)
         self.par_uid, self.params, self.param_names = _dedup(par_occ, par_names)
+        self.n_modules, self.n_params = len(self.modules), len(self.params)
+        # nothing reachable under two names: occurrence and unique numbers are the same
+        self._distinct = len(occ) == self.n_modules and len(par_occ) == self.n_params
         self._class_numbers = mod_cls
         self.norms = self._marked(with_norm)  # norm layers (is_norm of their class)
         self.norm_stats = self._marked(with_stats)  # those that keep running statistics
         # rarely any: unique modules, in order
+        self.swappable = self._uniques(with_swap)  # of those with statistics, a frozen BatchNorm may replace
         self.adapting = self._uniques(with_mark)  # norm layers marked as chosen to adapt their statistics
         self.maybe_locked = self._uniques(with_train)
         self.maybe_cut = self._uniques(with_forward)
@@ -230,11 +240,11 @@ class ModelIndex:
     def _marked(self, occurrences: list[int]) -> np.ndarray:
         mask = np.zeros(self.n_modules, dtype=bool)
         if occurrences:
-            mask[occurrences if len(self.mod_uid) == self.n_modules else self.mod_uid[occurrences]] = True
+            mask[occurrences if self._distinct else self.mod_uid[occurrences]] = True
         return mask
 
     def _uniques(self, occurrences: list[int]) -> list[int]:
-        if not occurrences or len(self.mod_uid) == self.n_modules:  # nothing shared: the same numbers
+        if not occurrences or self._distinct:
             return occurrences
         return sorted(set(self.mod_uid[occurrences].tolist()))
 
@@ -268,14 +278,6 @@ class ModelIndex:
         return np.array([m.training for m in self.modules], dtype=bool)
 
     @property
-    def n_modules(self) -> int:
-        return len(self.modules)
-
-    @property
-    def n_params(self) -> int:
-        return len(self.params)
-
-    @property
     def model_name(self) -> str:
         return type(self.root).__name__
 
@@ -295,6 +297,8 @@ class ModelIndex:
 
     def _as_unique(self, modules: np.ndarray, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Occurrence masks of modules and parameters as masks of unique ones."""
+        if self._distinct:
+            return modules, params
         return self._unique(modules, self.mod_uid, self.n_modules), self._unique(params, self.par_uid, self.n_params)
 
     def subtrees(self, roots: np.ndarray) -> np.ndarray:

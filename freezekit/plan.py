@@ -19,7 +19,7 @@ from . import boundary as _boundary
 from . import lock as _lock
 from .errors import NoMatchError, closest
 from .index import ModelIndex
-from .norm import FrozenBatchNorm, frozen_class, may_swap
+from .norm import FrozenBatchNorm, frozen_class
 from .rules import Rule
 from .select import Resolver, Selector, Unmatched
 
@@ -61,8 +61,9 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
             seen = len(resolver.unmatched)
             m, p = resolver.resolve(sel)
             if rule.strict:
-                problems += [_no_match(i, rule, u, sel, index) for u in resolver.unmatched[seen:]]
-                if len(resolver.unmatched) == seen and not (np.count_nonzero(m) or np.count_nonzero(p)):
+                if len(resolver.unmatched) > seen:
+                    problems += [_no_match(i, rule, u, sel, index) for u in resolver.unmatched[seen:]]
+                elif not (np.count_nonzero(p) or np.count_nonzero(m)):
                     problems.append(f"policy[{i}].{rule.action}: {sel!r} selected nothing in "
                                     f"{index.model_name}: every match was excluded")
             mods, pars = (m, p) if mods is None else (mods | m, pars | p)  # never changed in place
@@ -116,7 +117,8 @@ def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mo
             swapped_by[swap] = by
             frozen = frozen_bn[by]
             swapped[swap] = frozen
-            locked[swap[(frozen == 1) & (locked_by[swap] == by)]] = 0  # a frozen BatchNorm needs no lock
+            if "freeze:frozen_bn" in kinds:  # a frozen BatchNorm needs no lock
+                locked[swap[(frozen == 1) & (locked_by[swap] == by)]] = 0
     return Decisions(rg, par_by, locked, locked_by, swapped, swapped_by, adds, spoke, adapt)
 
 
@@ -145,10 +147,10 @@ class _NormMasks:
 
     @cached_property
     def swap(self) -> np.ndarray:
-        """Those a frozen BatchNorm can replace (can_swap(), by class once); never the root, which has
-        no parent to swap it through."""
-        swap = self.stats & self.index.class_mask(may_swap)
-        swap[self.index.mod_uid[0]] = False
+        """Those with statistics that a frozen BatchNorm can replace (may_swap(), by class, as the
+        walk found them); never the root, which has no parent to swap it through."""
+        swap = np.zeros(self.index.n_modules, dtype=bool)
+        swap[self.index.swappable] = True
         return swap
 
     @cached_property
