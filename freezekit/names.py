@@ -241,29 +241,18 @@ class NameList:
     def _holding(self, literal: str) -> np.ndarray:
         """Mask of the names whose line holds ``literal``. One that starts (or ends) with the
         newline is compared at every line's start (end) at once; others are searched for."""
-        end = literal.endswith("\n")
         blob = self.blob
-        if literal.startswith("\n") != end and self._ascii is not None and literal.isascii() and "\0" not in literal \
-                and len(literal) <= len(blob):
-            text = literal.strip("\n").encode("ascii")
-            # a window past either end of the blob is moved inside, where it holds a newline; too
-            # long for its line, a window holds a newline too, which text does not
-            if end:
-                at = np.maximum(self.newlines[1:] - len(text), 0)
-            else:
-                at = np.minimum(self.newlines[:-1] + 1, len(blob) - len(text))
-            return self._equal_at(at, text)
-        return self._lines_at(self._occurrences(literal))
-
-    def _equal_at(self, at: np.ndarray, text: bytes) -> np.ndarray:
-        """Mask over ``at`` (blob offsets, each at most ``len(blob) - len(text)``) of those where
-        the blob reads ``text``: compared 8 characters at a time, the last 8 overlapping."""
-        words, n = self._words, len(text)
-        if n < 8:
-            return (words[at] & ((1 << 8 * n) - 1)) == int.from_bytes(text, "little")
-        same = None
-        for offset in [*range(0, n - 7, 8), *([n - 8] if n % 8 else [])]:
-            here = words[at + offset if offset else at] == int.from_bytes(text[offset: offset + 8], "little")
+        anchored = _anchored(literal) if self._ascii is not None and len(literal) <= len(blob) else None
+        if anchored is None:
+            return self._lines_at(self._occurrences(literal))
+        at_end, n, pieces = anchored
+        # a window past either end of the blob is moved inside, where it holds a newline; too
+        # long for its line, a window holds a newline too, which the literal does not
+        at = np.maximum(self.newlines[1:] - n, 0) if at_end else np.minimum(self.newlines[:-1] + 1, len(blob) - n)
+        words, same = self._words, None
+        for offset, value, mask in pieces:
+            word = words[at + offset if offset else at]
+            here = (word if mask is None else word & mask) == value
             same = here if same is None else same & here
         return same
 
@@ -297,6 +286,23 @@ class NameList:
         if starts:
             mask[self.newlines.searchsorted(starts)] = True  # each starts at the newline before its name
         return mask
+
+
+@lru_cache(maxsize=4096)
+def _anchored(literal: str) -> tuple[bool, int, tuple[tuple[int, int, int | None], ...]] | None:
+    """A literal that starts (or ends) with the newline, as :meth:`NameList._holding` compares it at
+    every line's start (end): whether at the end, its length without the newline, and its 8-character
+    pieces as little-endian words ``(offset, value, mask)``, the last 8 overlapping (mask None: the
+    whole word). None for other literals, and those a word cannot hold (not ASCII, or with a NUL)."""
+    at_end = literal.endswith("\n")
+    if literal.startswith("\n") == at_end or not literal.isascii() or "\0" in literal:
+        return None
+    text = literal.strip("\n").encode("ascii")
+    n = len(text)
+    if n < 8:
+        return at_end, n, ((0, int.from_bytes(text, "little"), (1 << 8 * n) - 1),)
+    offsets = [*range(0, n - 7, 8), *([n - 8] if n % 8 else [])]
+    return at_end, n, tuple((k, int.from_bytes(text[k: k + 8], "little"), None) for k in offsets)
 
 
 def _longest_literal(pattern: str) -> str:
