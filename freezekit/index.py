@@ -237,6 +237,11 @@ class ModelIndex:
         self.maybe_locked = self._uniques(with_train)
         self.maybe_cut = self._uniques(with_forward)
 
+    @property
+    def maybe_locked_or_cut(self) -> list[int]:
+        """Unique modules that may hold an eval lock or a boundary, in order (rarely any)."""
+        return sorted({*self.maybe_cut, *self.maybe_locked})
+
     def _marked(self, occurrences: list[int]) -> np.ndarray:
         mask = np.zeros(self.n_modules, dtype=bool)
         if occurrences:

@@ -130,7 +130,7 @@ def state(model: nn.Module) -> State:
     index = ModelIndex(model)
     cut = np.zeros(index.n_modules, dtype=bool)
     cuts, locked = [], []
-    for u in sorted({*index.maybe_cut, *index.maybe_locked}):
+    for u in index.maybe_locked_or_cut:
         name, module = index.module_names[u], index.modules[u]
         installed = _boundary.boundaries(module)
         cuts += [Boundary(name, b.at, b.no_grad) for b in reversed(installed)]

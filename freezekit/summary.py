@@ -248,7 +248,7 @@ def summary(model: nn.Module, depth: int | None = None, policy: Policy | None = 
         requires_grad = index.requires_grad
         cut = np.zeros(index.n_modules, dtype=bool)
         locked = np.zeros(index.n_modules, dtype=bool)
-        for u in sorted({*index.maybe_cut, *index.maybe_locked}):
+        for u in index.maybe_locked_or_cut:
             module = index.modules[u]
             cut[u] = any(b.at == "output" for b in _boundary.boundaries(module))
             locked[u] = is_locked(module)
