@@ -312,7 +312,9 @@ class ModelIndex:
         Subtrees are ranges of the pre-order that nest or are disjoint: an occurrence is covered
         when the furthest end of a range opened at or before it lies beyond it.
         """
-        return np.maximum.accumulate(self.mod_end * roots) > self._positions
+        ends = np.zeros(self.n_mod_occ, dtype=np.intp)
+        np.putmask(ends, roots, self.mod_end)  # the end of each range that opens at a root
+        return np.maximum.accumulate(ends, out=ends) > self._positions
 
     @cached_property
     def _positions(self) -> np.ndarray:

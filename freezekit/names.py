@@ -180,10 +180,10 @@ class NameList:
         blob = "\n".join(["", *self.names, ""])
         if not blob.isascii():
             return blob if blob.count("\n") == len(self.names) + 1 else None
-        # ASCII: a character per byte, which numpy can compare; 8 NULs after, so that a word read
-        # at any character of the blob stays inside. Its newlines are found by numpy.
-        data = blob.encode("ascii") + bytes(8)
-        newlines = (np.frombuffer(data, dtype=np.uint8) == 10).nonzero()[0]
+        # ASCII: a character per byte, which numpy can compare; 8 NULs on either side, so that a
+        # word read at any line's start or end stays inside. Its newlines are found by numpy.
+        data = b"".join((_PAD, blob.encode("ascii"), _PAD))
+        newlines = (np.frombuffer(data, dtype=np.uint8, offset=len(_PAD)) == 10).nonzero()[0]
         if len(newlines) != len(self.names) + 1:
             return None
         self._ascii, self.newlines = data, newlines
@@ -224,19 +224,25 @@ class NameList:
         if self._ascii is not None:  # found with the blob
             return self.__dict__["newlines"]
         lengths = np.fromiter(map(len, self.names), dtype=np.int64, count=len(self.names)) + 1
-        return np.concatenate(([0], np.cumsum(lengths)))
+        return np.concatenate(([0], lengths.cumsum()))
 
     @cached_property
     def _ascii(self) -> bytes | None:
-        """The blob as bytes and 8 NULs, where it is ASCII (set with the blob); else None."""
+        """The blob as bytes between 8 NULs each side, where it is ASCII (set with the blob); else None."""
         self.blob  # noqa: B018 -- sets it if there is one
         return self.__dict__.get("_ascii")
 
     @cached_property
     def _words(self) -> np.ndarray:
-        """The 8 characters from every offset of the ASCII blob, as one little-endian integer each:
-        8 characters compare in one operation."""
+        """The 8 characters from every offset of :attr:`_ascii`, as one little-endian integer each:
+        8 characters compare in one operation. The blob's character ``k`` starts word ``k + 8``."""
         return np.ndarray((len(self._ascii) - 7,), dtype=_WORD, buffer=self._ascii, strides=(1,))
+
+    @cached_property
+    def _line_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The word of each line's first character, and of the newline that ends it."""
+        at = self.newlines + len(_PAD)
+        return at[:-1] + 1, at[1:]
 
     def _holding(self, literal: str) -> np.ndarray:
         """Mask of the names whose line holds ``literal``. One that starts (or ends) with the
@@ -246,9 +252,13 @@ class NameList:
         if anchored is None:
             return self._lines_at(self._occurrences(literal))
         at_end, n, pieces = anchored
-        # a window past either end of the blob is moved inside, where it holds a newline; too
-        # long for its line, a window holds a newline too, which the literal does not
-        at = np.maximum(self.newlines[1:] - n, 0) if at_end else np.minimum(self.newlines[:-1] + 1, len(blob) - n)
+        # The window of n characters at each line's start (end). Too long for its line, it holds a
+        # newline or NULs, which the literal does not; one of more than 8 is kept inside the bytes.
+        starts, ends = self._line_bounds
+        if at_end:
+            at = ends - n if n <= 8 else np.maximum(ends - n, 0)
+        else:
+            at = starts if n <= 8 else np.minimum(starts, len(self._ascii) - n)
         words, same = self._words, None
         for offset, value, mask in pieces:
             word = words[at + offset if offset else at]
@@ -260,7 +270,7 @@ class NameList:
         """Blob offsets of the non-overlapping occurrences of ``literal``, found in C by one split."""
         pieces = self.blob.split(literal)
         lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces) - 1) + len(literal)
-        return np.cumsum(lengths) - len(literal)
+        return lengths.cumsum() - len(literal)
 
     def _lines_at(self, offsets: np.ndarray) -> np.ndarray:
         """Mask of the names whose line holds any of the blob ``offsets`` (a name's line starts at
@@ -329,6 +339,7 @@ def _longest_literal(pattern: str) -> str:
 
 
 _STARS = re.compile(r"\*+")
+_PAD = bytes(8)
 _WORD = np.dtype("<u8")  # made once: numpy parses a dtype string at every use
 _CHANGE_LITERALS = int(re.IGNORECASE | re.VERBOSE)  # flags under which a pattern's text is not its literal start
 # Characters that stand for themselves in a regex; escaped, these do too: \. \- \_ \/

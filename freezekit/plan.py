@@ -47,9 +47,9 @@ class Decisions:
 def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
     # The last rule wins, and rules are numbered in order: each rule only writes its number where
     # it selects, and what each thing becomes is read from the deciding rules once, at the end.
-    par_by = np.full(index.n_params, -1, dtype=np.int32)  # last freeze / unfreeze of each parameter
-    mod_fu = np.full(index.n_modules, -1, dtype=np.int32)  # last freeze / unfreeze of each module
-    mod_ue = np.full(index.n_modules, -1, dtype=np.int32)  # last unfreeze / eval_mode of each module
+    par_by = _undecided(index.n_params)  # last freeze / unfreeze of each parameter
+    mod_fu = _undecided(index.n_modules)  # last freeze / unfreeze of each module
+    mod_ue = _undecided(index.n_modules)  # last unfreeze / eval_mode of each module
     adds: list[tuple[int, int]] = []
     spoke = np.zeros(len(rules), dtype=bool)
     resolver = Resolver(index)
@@ -68,16 +68,16 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
                                     f"{index.model_name}: every match was excluded")
             mods, pars = (m, p) if mods is None else (mods | m, pars | p)  # never changed in place
         if rule.action == "freeze":
-            par_by[pars] = i
-            mod_fu[mods] = i
+            np.putmask(par_by, pars, i)  # par_by[pars] = i, at less cost
+            np.putmask(mod_fu, mods, i)
             spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(mods & masks.norm))
         elif rule.action == "unfreeze":
-            par_by[pars] = i
-            mod_fu[mods] = i
-            mod_ue[mods] = i
+            np.putmask(par_by, pars, i)
+            np.putmask(mod_fu, mods, i)
+            np.putmask(mod_ue, mods, i)
             spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(mods))
         elif rule.action == "eval_mode":
-            mod_ue[mods] = i
+            np.putmask(mod_ue, mods, i)
             spoke[i] = bool(np.count_nonzero(mods))
         else:  # detach
             roots = index.complete_roots(mods).nonzero()[0]
@@ -101,8 +101,8 @@ def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mo
     if "freeze:trainable" in kinds:  # norm parameters stay trainable
         rg[(trains[par_by] == 1) & masks.param] = 1
     locked, locked_by = locks[mod_ue], mod_ue.copy()
-    swapped, swapped_by = np.full(len(mod_fu), -1, dtype=np.int8), np.full(len(mod_fu), -1, dtype=np.int32)
-    adapt = np.full(len(mod_fu), -1, dtype=np.int8)
+    swapped, swapped_by = _undecided(len(mod_fu), np.int8), _undecided(len(mod_fu))
+    adapt = _undecided(len(mod_fu), np.int8)
     stats = masks.stats.nonzero()[0]
     if len(stats):
         fu = mod_fu[stats]
@@ -120,6 +120,14 @@ def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mo
             if "freeze:frozen_bn" in kinds:  # a frozen BatchNorm needs no lock
                 locked[swap[(frozen == 1) & (locked_by[swap] == by)]] = 0
     return Decisions(rg, par_by, locked, locked_by, swapped, swapped_by, adds, spoke, adapt)
+
+
+def _undecided(n: int, dtype: type = np.intp) -> np.ndarray:
+    """``n`` times -1. Rule numbers are kept as ``intp``, which numpy indexes with as they are.
+    (``np.full`` is a Python function around these two calls, and costs more at every apply.)"""
+    out = np.empty(n, dtype=dtype)
+    out.fill(-1)
+    return out
 
 
 @lru_cache(maxsize=256)
