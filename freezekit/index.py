@@ -154,7 +154,7 @@ class ModelIndex:
         occ: list[nn.Module] = [root]
         mod_names: list[str] = [""]
         mod_end: list[int] = [0]  # set when the root's children are done
-        code = _code(root.__class__)
+        code = _code(type(root))
         mod_cls: list[int] = [code if code >= 0 else -2 - code]
         with_norm: list[int] = [0] if code < -1 else []  # norm layers
         with_stats: list[int] = [0] if code < -1 and keeps_running_stats(root) else []
@@ -173,19 +173,19 @@ class ModelIndex:
             for key, module in children:
                 if module is None:
                     continue
-                code = code_of(module.__class__, -1)
+                code = code_of(type(module), -1)
                 if code < 0:  # a wrapper, a class not seen before, or a norm layer
                     if code == -1:
                         module = _inside_wrappers(module)
-                        code = _code(module.__class__)
+                        code = _code(type(module))
                     if code < -1:
                         code = -2 - code
                         with_norm.append(i)
                         state = module.__dict__
-                        if (state.get("track_running_stats") if module.__class__ in flagged
+                        if (state.get("track_running_stats") if type(module) in flagged
                                 else has_running_stats(module)):
                             with_stats.append(i)
-                            if module.__class__ in swappable:
+                            if type(module) in swappable:
                                 with_swap.append(i)
                         if STATS_ADAPT in state:
                             with_mark.append(i)
