@@ -230,7 +230,8 @@ class ModelIndex:
         self._distinct = len(occ) == self.n_modules and len(par_occ) == self.n_params
         self._class_numbers = mod_cls
         self.norms = self._marked(with_norm)  # norm layers (is_norm of their class)
-        self.norm_stats = self._marked(with_stats)  # those that keep running statistics
+        # those that keep running statistics (often all of them)
+        self.norm_stats = self.norms if with_stats == with_norm else self._marked(with_stats)
         # rarely any: unique modules, in order
         self.swappable = self._uniques(with_swap)  # of those with statistics, a frozen BatchNorm may replace
         self.adapting = self._uniques(with_mark)  # norm layers marked as chosen to adapt their statistics

@@ -193,7 +193,9 @@ class NameList:
         """Boolean mask of the names that fully match the shell-style ``pattern``."""
         how, a, b = _glob_plan(pattern)
         if how == "all":
-            return np.ones(len(self.names), dtype=bool)
+            every = np.empty(len(self.names), dtype=bool)
+            every.fill(True)  # np.ones is a Python function around these calls
+            return every
         if how == "exact":
             return self.exact(a)
         if how == "each" or self.blob is None:

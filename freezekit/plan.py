@@ -100,20 +100,23 @@ def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mo
     rg = unfreezes[par_by]
     if "freeze:trainable" in kinds:  # norm parameters stay trainable
         rg[(trains[par_by] == 1) & masks.param] = 1
-    locked, locked_by = locks[mod_ue], mod_ue.copy()
+    locked, locked_by = locks[mod_ue], mod_ue  # decide's own array, changed below only after it is read
     swapped, swapped_by = _undecided(len(mod_fu), np.int8), _undecided(len(mod_fu))
     adapt = _undecided(len(mod_fu), np.int8)
     stats = masks.stats.nonzero()[0]
     if len(stats):
-        fu = mod_fu[stats]
-        by = np.maximum(fu, mod_ue[stats])
+        by = np.maximum(mod_fu[stats], mod_ue[stats])
         locked_by[stats] = by
         locked[stats] = locks_norms[by]
         adapt[stats] = adapts[by]
-        chosen = fu >= 0  # by a freeze or unfreeze, which decide swaps
+    # those with statistics that a frozen BatchNorm can replace (may_swap(), by class, as the walk
+    # found them); never the root, which has no parent to swap it through
+    swap = np.array(masks.index.swappable, dtype=np.intp)
+    if len(swap):
+        by = mod_fu[swap]
+        chosen = by >= 0  # by a freeze or unfreeze, which decide swaps
         if np.count_nonzero(chosen):
-            swap = stats[chosen & masks.swap[stats]]
-            by = mod_fu[swap]
+            swap, by = swap[chosen], by[chosen]
             swapped_by[swap] = by
             frozen = frozen_bn[by]
             swapped[swap] = frozen
@@ -152,14 +155,6 @@ class _NormMasks:
     def __init__(self, index: ModelIndex):
         self.index = index
         self.norm, self.stats = index.norms, index.norm_stats  # read in the walk
-
-    @cached_property
-    def swap(self) -> np.ndarray:
-        """Those with statistics that a frozen BatchNorm can replace (may_swap(), by class, as the
-        walk found them); never the root, which has no parent to swap it through."""
-        swap = np.zeros(self.index.n_modules, dtype=bool)
-        swap[self.index.swappable] = True
-        return swap
 
     @cached_property
     def param(self) -> np.ndarray:
