@@ -40,8 +40,8 @@ class Decisions:
     swapped: np.ndarray  # int8 per unique module: -1, 0 original BatchNorm, 1 FrozenBatchNorm
     swapped_by: np.ndarray
     boundaries: list[tuple[int, int]]  # (unique module, rule) in order
-    spoke: np.ndarray  # bool per rule: it decided something before later rules spoke
     stats_adapt: np.ndarray  # int8 per unique module: 1 where freeze(norm="train") chose moving statistics
+    dead: list[int]  # rules that selected something, all of it decided by later rules
 
 
 def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
@@ -51,7 +51,7 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
     mod_fu = _undecided(index.n_modules)  # last freeze / unfreeze of each module
     mod_ue = _undecided(index.n_modules)  # last unfreeze / eval_mode of each module
     adds: list[tuple[int, int]] = []
-    spoke = np.zeros(len(rules), dtype=bool)
+    selected: list[tuple[np.ndarray, np.ndarray]] = []  # (modules, parameters) of each rule
     resolver = Resolver(index)
     problems: list[str] = []
     masks = _NormMasks(index)
@@ -63,22 +63,20 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
             if rule.strict:
                 if len(resolver.unmatched) > seen:
                     problems += [_no_match(i, rule, u, sel, index) for u in resolver.unmatched[seen:]]
-                elif not (np.count_nonzero(p) or np.count_nonzero(m)):
+                elif not sel._selects_what_matched and not (np.count_nonzero(p) or np.count_nonzero(m)):
                     problems.append(f"policy[{i}].{rule.action}: {sel!r} selected nothing in "
                                     f"{index.model_name}: every match was excluded")
             mods, pars = (m, p) if mods is None else (mods | m, pars | p)  # never changed in place
+        selected.append((mods, pars))
         if rule.action == "freeze":
             np.putmask(par_by, pars, i)  # par_by[pars] = i, at less cost
             np.putmask(mod_fu, mods, i)
-            spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(mods & masks.norm))
         elif rule.action == "unfreeze":
             np.putmask(par_by, pars, i)
             np.putmask(mod_fu, mods, i)
             np.putmask(mod_ue, mods, i)
-            spoke[i] = bool(np.count_nonzero(pars) or np.count_nonzero(mods))
         elif rule.action == "eval_mode":
             np.putmask(mod_ue, mods, i)
-            spoke[i] = bool(np.count_nonzero(mods))
         else:  # detach
             roots = index.complete_roots(mods).nonzero()[0]
             adds += [(int(u), i) for u in roots]
@@ -87,11 +85,12 @@ def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
                                 f"{index.model_name}; a boundary goes on modules")
     if problems:
         raise NoMatchError(problems)
-    return _outcome(rules, par_by, mod_fu, mod_ue, masks, adds, spoke)
+    return _outcome(rules, par_by, mod_fu, mod_ue, masks, adds, selected)
 
 
 def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mod_ue: np.ndarray,
-             masks: _NormMasks, adds: list[tuple[int, int]], spoke: np.ndarray) -> Decisions:
+             masks: _NormMasks, adds: list[tuple[int, int]], selected: list[tuple[np.ndarray, np.ndarray]]
+             ) -> Decisions:
     """The decisions, read from the deciding rules. A freeze speaks for the norm layers with
     running statistics among its modules, and for no other module."""
 
@@ -122,7 +121,28 @@ def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mo
             swapped[swap] = frozen
             if "freeze:frozen_bn" in kinds:  # a frozen BatchNorm needs no lock
                 locked[swap[(frozen == 1) & (locked_by[swap] == by)]] = 0
-    return Decisions(rg, par_by, locked, locked_by, swapped, swapped_by, adds, spoke, adapt)
+    dead = _dead(rules, selected, masks, (par_by, locked_by[locked == 1], swapped_by))
+    return Decisions(rg, par_by, locked, locked_by, swapped, swapped_by, adds, adapt, dead)
+
+
+def _dead(rules: tuple[Rule, ...], selected: list[tuple[np.ndarray, np.ndarray]], masks: _NormMasks,
+          deciders: tuple[np.ndarray, ...]) -> list[int]:
+    """The rules that decide nothing though they selected something they could decide: a freeze
+    its parameters or norm layers, an unfreeze its parameters or modules, an eval_mode its modules.
+    Releasing a lock only matters where one was: a rule whose only surviving decisions are
+    releases (an unfreeze overridden by a later freeze) is as good as dead."""
+    deciding = np.zeros(len(rules) + 1, dtype=bool)  # [-1]: no rule
+    for by in deciders:  # the deciding rule of each thing decided
+        deciding[by] = True
+    dead = []
+    for i, (rule, deciding_i, (mods, pars)) in enumerate(zip(rules, deciding.tolist(), selected)):
+        if deciding_i or rule.action == "detach":
+            continue
+        if rule.action == "freeze":
+            mods = mods & masks.norm
+        if (rule.action != "eval_mode" and np.count_nonzero(pars)) or np.count_nonzero(mods):
+            dead.append(i)
+    return dead
 
 
 def _undecided(n: int, dtype: type = np.intp) -> np.ndarray:
@@ -374,17 +394,8 @@ class Plan:
         return [n for n, p in self.parameters.items() if p.status == "frozen"]
 
     def _dead_rules(self) -> list[str]:
-        d, n = self._d, len(self.policy.rules)
-        # Releasing a lock only matters where one was; a rule whose only surviving decisions are
-        # releases (an unfreeze overridden by a later freeze) is as good as dead.
-        deciding = np.zeros(n + 1, dtype=bool)  # [-1]: no rule
-        for by in (d.requires_grad_by, d.locked_by[d.locked == 1], d.swapped_by):
-            deciding[by] = True
-        out = []
-        for i, rule in enumerate(self.policy.rules):
-            if rule.action != "detach" and d.spoke[i] and not deciding[i]:
-                out.append(f"policy[{i}] {rule!r} is dead: later rules override everything it selects")
-        return out
+        rules = self.policy.rules
+        return [f"policy[{i}] {rules[i]!r} is dead: later rules override everything it selects" for i in self._d.dead]
 
     def __str__(self) -> str:
         index, d, rules = self._index, self._d, self.policy.rules

@@ -82,6 +82,10 @@ class Resolver:
 class Selector:
     """Base class: something that picks modules and parameters of a model by name, type or position."""
 
+    # True for a leaf that selects something whenever none of its patterns is unmatched (what
+    # it matched, and what lies below): a strict rule need not count what it selected.
+    _selects_what_matched = False
+
     def select(self, model: nn.Module) -> Selection:
         """The modules and parameters this selector picks in ``model``, by qualified name.
 
@@ -173,6 +177,7 @@ def _one_or_list(values: tuple[str, ...]) -> Any:
 
 @dataclass(frozen=True)
 class Glob(Selector):
+    _selects_what_matched = True
     patterns: tuple[str, ...]
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
@@ -190,6 +195,7 @@ class Glob(Selector):
 
 @dataclass(frozen=True)
 class Regex(Selector):
+    _selects_what_matched = True
     patterns: tuple[str, ...]
     compiled: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
 
@@ -219,6 +225,7 @@ class Regex(Selector):
 
 @dataclass(frozen=True)
 class Names(Selector):
+    _selects_what_matched = True
     names: tuple[str, ...]
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
@@ -286,6 +293,7 @@ def _type_name(spec: type | str) -> str:
 
 @dataclass(frozen=True)
 class Types(Selector):
+    _selects_what_matched = True
     classes: tuple[type | str, ...]
     tests: tuple[Callable[[type], bool], ...] = field(init=False, repr=False, compare=False)
 
@@ -319,6 +327,8 @@ class Types(Selector):
 
 @dataclass(frozen=True)
 class Norms(Selector):
+    _selects_what_matched = True
+
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
         idx = r.index
         hits = idx.norms
@@ -379,6 +389,7 @@ class Position(Selector):
 
 @dataclass(frozen=True)
 class Where(Selector):
+    _selects_what_matched = True
     fn: Callable[[str, Any], bool]
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
@@ -403,6 +414,7 @@ class Where(Selector):
 class Exactly(Selector):
     """Exactly the named modules: not their submodules, not their parameters. Internal: it lets a
     saved state lock or swap one module without speaking for its children."""
+    _selects_what_matched = True
 
     modules: tuple[str, ...]
 
