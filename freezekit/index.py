@@ -409,9 +409,10 @@ def _dedup(objects: list, names: list[str]) -> tuple[np.ndarray, list, list[str]
         distinct = bool(objects) and isinstance(objects[0], nn.Module) and len(set(objects)) == len(objects)
     except TypeError:  # an unhashable module class
         distinct = False
-    ids = None if distinct else list(map(id, objects))  # tensors hash in Python: ids are cheaper
-    if distinct or len(set(ids)) == len(ids):  # the common case: nothing shared
+    # tensors hash in Python: ids are cheaper
+    if distinct or len(set(map(id, objects))) == len(objects):  # the common case: nothing shared
         return np.arange(len(objects), dtype=np.int64), objects, names
+    ids = list(map(id, objects))
     _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")
     rank = np.empty_like(order)

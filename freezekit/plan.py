@@ -275,8 +275,8 @@ class Plan:
     def _swaps(self) -> dict[int, bool]:
         """Unique module -> True (swap in a FrozenBatchNorm) / False (restore the original)."""
         d, modules = self._d.swapped, self._index.modules
-        decided = (d >= 0).nonzero()[0].tolist()
-        return {u: want for u, want in zip(decided, (d[decided] == 1).tolist())
+        decided = (d >= 0).nonzero()[0]
+        return {u: want for u, want in zip(decided.tolist(), (d[decided] == 1).tolist())
                 if want != isinstance(modules[u], FrozenBatchNorm)}
 
     @cached_property

@@ -309,13 +309,12 @@ class Types(Selector):
         object.__setattr__(self, "tests", tuple(_type_test(spec) for spec in self.classes))
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
-        idx = r.index
-        hits = np.zeros(idx.n_modules, dtype=bool)
+        idx, hits = r.index, None
         for spec, test in zip(self.classes, self.tests):
             mask = idx.class_mask(test)
             if not np.count_nonzero(mask):
                 r.unmatched.append(Unmatched(self, _type_name(spec), "type"))
-            hits |= mask
+            hits = mask if hits is None else hits | mask
         return idx.expand_modules(hits)
 
     def to_config(self) -> Any:
