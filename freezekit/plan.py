@@ -258,7 +258,8 @@ class Plan:
         self._cuts_before = {u: tuple(_boundary.boundaries(modules[u])) for u in index.maybe_cut}
         self._locked_before = {u for u in index.maybe_locked if _lock.is_locked(modules[u])}
         self._locked_now  # noqa: B018 -- computed now: it reads the locks of swapped-out originals
-        self.warnings = self._dead_rules()
+        self.warnings = [f"policy[{i}] {policy.rules[i]!r} is dead: later rules override everything it selects"
+                         for i in decisions.dead]
 
     # -- the target state, per unique object
 
@@ -392,10 +393,6 @@ class Plan:
     def frozen(self) -> list[str]:
         """Names of the parameters that will be frozen."""
         return [n for n, p in self.parameters.items() if p.status == "frozen"]
-
-    def _dead_rules(self) -> list[str]:
-        rules = self.policy.rules
-        return [f"policy[{i}] {rules[i]!r} is dead: later rules override everything it selects" for i in self._d.dead]
 
     def __str__(self) -> str:
         index, d, rules = self._index, self._d, self.policy.rules
