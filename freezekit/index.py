@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from .names import NameList
-from .norm import STATS_ADAPT, has_running_stats, is_norm, keeps_running_stats, may_swap
+from .norm import STATS_ADAPT, has_running_stats, is_frozen_bn, is_norm, keeps_running_stats, may_swap
 
 __all__ = ["ModelIndex", "gc_paused", "unwrap"]
 
@@ -46,7 +46,8 @@ _wrapper_attr_cache: dict[type, str | None] = {}
 _class_code: dict[type, int] = {}
 _numbered: list[type] = []
 _flags_stats: set[type] = set()  # norm classes that keep running statistics where track_running_stats says so
-_swappable: set[type] = set()  # norm classes a frozen BatchNorm can replace, and frozen ones (may_swap)
+_swappable: set[type] = set()  # norm classes a frozen BatchNorm can replace
+_frozen_bns: set[type] = set()  # frozen BatchNorm classes
 _numbering = threading.Lock()
 # test -> its result for each numbered class, by number (class_mask); dropped with the test
 _tested: weakref.WeakKeyDictionary[Callable[[type], bool], list[bool]] = weakref.WeakKeyDictionary()
@@ -78,7 +79,7 @@ def _code(cls: type) -> int:
                         if issubclass(cls, _NormBase):  # says in track_running_stats whether it keeps statistics
                             _flags_stats.add(cls)
                         if may_swap(cls):
-                            _swappable.add(cls)
+                            (_frozen_bns if is_frozen_bn(cls) else _swappable).add(cls)
                 _class_code[cls] = code
     return code
 
@@ -158,14 +159,15 @@ class ModelIndex:
         mod_cls: list[int] = [code if code >= 0 else -2 - code]
         with_norm: list[int] = [0] if code < -1 else []  # norm layers
         with_stats: list[int] = [0] if code < -1 and keeps_running_stats(root) else []
-        with_swap: list[int] = []  # of those, the ones a frozen BatchNorm may replace; never the root
+        with_swap: list[int] = []  # of those, the ones a frozen BatchNorm may replace or is; never the root
+        with_frozen: list[int] = []  # of those, the frozen BatchNorms
         with_mark: list[int] = [0] if code < -1 and STATS_ADAPT in root.__dict__ else []  # chosen to adapt
         with_train: list[int] = [0] if "train" in root.__dict__ else []  # may hold an eval lock
         with_forward: list[int] = [0] if "forward" in root.__dict__ else []  # may hold a boundary
         par_occ: list[nn.Parameter] = [p for p in root._parameters.values() if p is not None]
         par_names: list[str] = [k for k, p in root._parameters.items() if p is not None]
         par_owner: list[int] = [0] * len(par_occ)  # the module occurrence that holds each
-        code_of, flagged, swappable = _class_code.get, _flags_stats, _swappable
+        code_of, flagged, swappable, frozen_bns = _class_code.get, _flags_stats, _swappable, _frozen_bns
         i = 1  # the occurrence number of the next module
         stack = [(iter(root._modules.items()), "", 0)]
         while stack:
@@ -187,6 +189,9 @@ class ModelIndex:
                             with_stats.append(i)
                             if type(module) in swappable:
                                 with_swap.append(i)
+                            elif type(module) in frozen_bns:
+                                with_swap.append(i)
+                                with_frozen.append(i)
                         if STATS_ADAPT in state:
                             with_mark.append(i)
                 mod_cls.append(code)
@@ -233,7 +238,8 @@ class ModelIndex:
         # those that keep running statistics (often all of them)
         self.norm_stats = self.norms if with_stats == with_norm else self._marked(with_stats)
         # rarely any: unique modules, in order
-        self.swappable = self._uniques(with_swap)  # of those with statistics, a frozen BatchNorm may replace
+        self.swappable = self._uniques(with_swap)  # of those with statistics, a frozen BatchNorm may replace or is
+        self.frozen_bn = self._uniques(with_frozen)  # the frozen BatchNorms among them
         self.adapting = self._uniques(with_mark)  # norm layers marked as chosen to adapt their statistics
         self.maybe_locked = self._uniques(with_train)
         self.maybe_cut = self._uniques(with_forward)
@@ -245,8 +251,8 @@ class ModelIndex:
 
     def _marked(self, occurrences: list[int]) -> np.ndarray:
         mask = np.zeros(self.n_modules, dtype=bool)
-        if occurrences:
-            mask[occurrences if self._distinct else self.mod_uid[occurrences]] = True
+        if occurrences:  # put: mask[list] tries the list as an integer first, and raises and catches an error
+            mask.put(occurrences if self._distinct else self.mod_uid[occurrences], True)
         return mask
 
     def _uniques(self, occurrences: list[int]) -> list[int]:

@@ -112,15 +112,12 @@ def _outcome(rules: tuple[Rule, ...], par_by: np.ndarray, mod_fu: np.ndarray, mo
     # found them); never the root, which has no parent to swap it through
     swap = np.array(masks.index.swappable, dtype=np.intp)
     if len(swap):
-        by = mod_fu[swap]
-        chosen = by >= 0  # by a freeze or unfreeze, which decide swaps
-        if np.count_nonzero(chosen):
-            swap, by = swap[chosen], by[chosen]
-            swapped_by[swap] = by
-            frozen = frozen_bn[by]
-            swapped[swap] = frozen
-            if "freeze:frozen_bn" in kinds:  # a frozen BatchNorm needs no lock
-                locked[swap[(frozen == 1) & (locked_by[swap] == by)]] = 0
+        by = mod_fu[swap]  # a freeze or unfreeze decides a swap; -1 stays undecided
+        swapped_by[swap] = by
+        frozen = frozen_bn[by]
+        swapped[swap] = frozen
+        if "freeze:frozen_bn" in kinds:  # a frozen BatchNorm needs no lock
+            locked[swap[(frozen == 1) & (locked_by[swap] == by)]] = 0
     dead = _dead(rules, selected, masks, (par_by, locked_by[locked == 1], swapped_by))
     return Decisions(rg, par_by, locked, locked_by, swapped, swapped_by, adds, adapt, dead)
 
@@ -154,9 +151,9 @@ def _undecided(n: int, dtype: type = np.intp) -> np.ndarray:
 
 
 @lru_cache(maxsize=256)
-def _tables(kinds: tuple[str, ...]) -> np.ndarray:
+def _tables(kinds: tuple[str, ...]) -> tuple[np.ndarray, ...]:
     """What each rule's action and norm mode make of what it decides (``kinds``: the action, or
-    ``freeze:<norm>``), one row per outcome, indexed by rule number; [-1] is "no rule"."""
+    ``freeze:<norm>``), one table per outcome, indexed by rule number; [-1] is "no rule"."""
     tables = np.array([
         [k == "unfreeze" for k in kinds] + [-1],
         [k == "eval_mode" for k in kinds] + [-1],
@@ -166,7 +163,7 @@ def _tables(kinds: tuple[str, ...]) -> np.ndarray:
         [k == "freeze:frozen_bn" for k in kinds] + [-1],
     ], dtype=np.int8)
     tables.flags.writeable = False
-    return tables
+    return tuple(tables)  # rows as a tuple: unpacking an array ends on a caught IndexError, every time
 
 
 class _NormMasks:
@@ -275,10 +272,7 @@ class Plan:
     @cached_property
     def _swaps(self) -> dict[int, bool]:
         """Unique module -> True (swap in a FrozenBatchNorm) / False (restore the original)."""
-        d, modules = self._d.swapped, self._index.modules
-        decided = (d >= 0).nonzero()[0]
-        return {u: want for u, want in zip(decided.tolist(), (d[decided] == 1).tolist())
-                if want != isinstance(modules[u], FrozenBatchNorm)}
+        return _flips(self._d.swapped, set(self._index.frozen_bn))
 
     @cached_property
     def _locked_now(self) -> set[int]:
@@ -294,12 +288,7 @@ class Plan:
     @cached_property
     def _locks(self) -> dict[int, bool]:
         """Unique module -> lock (True) / release (False), where that changes something, in order."""
-        d, now = self._d.locked, self._locked_now
-        lock = [u for u in (d == 1).nonzero()[0].tolist() if u not in now]
-        release = [u for u in now if d[u] == 0]
-        if not release:
-            return dict.fromkeys(lock, True)
-        return dict(sorted([*((u, True) for u in lock), *((u, False) for u in release)]))
+        return _flips(self._d.locked, self._locked_now)
 
     @cached_property
     def _new_boundaries(self) -> list[tuple[int, int]]:
@@ -434,6 +423,16 @@ class Plan:
 
     def __repr__(self) -> str:
         return f"<Plan {self._index.model_name}: {len(self.changes)} changes, {len(self.warnings)} warnings>"
+
+
+def _flips(decided: np.ndarray, now: set[int]) -> dict[int, bool]:
+    """Unique module -> True (turn on) / False (turn off), in order, where the decision (1 on, 0 off,
+    -1 none) differs from what is on ``now``."""
+    on = (decided == 1).nonzero()[0].tolist()
+    if not now:  # the common case: nothing locked or swapped yet
+        return dict.fromkeys(on, True)
+    off = [u for u in now if decided[u] == 0]
+    return dict(sorted([*((u, True) for u in on if u not in now), *((u, False) for u in off)]))
 
 
 def _some(names: list[str], total: int) -> str:

@@ -233,7 +233,7 @@ class Names(Selector):
         found = idx.names.positions(self.names)
         r.unmatched += [Unmatched(self, name, "name") for name, at in zip(self.names, found) if at is None]
         hits = np.zeros(len(idx.names.names), dtype=bool)
-        hits[[at for at in found if at is not None]] = True
+        hits.put([at for at in found if at is not None], True)
         return idx.expand(hits)
 
     def to_config(self) -> Any:
@@ -358,7 +358,7 @@ class Position(Selector):
             r.unmatched.append(Unmatched(self, self.container, "module"))
         else:
             chosen = members[: self.n] if self.which == "first" else members[max(len(members) - self.n, 0):]
-            hits[chosen] = True
+            hits.put(chosen, True)
         return idx.expand(hits)
 
     def _members(self, idx: ModelIndex) -> list[int] | None:
