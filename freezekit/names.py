@@ -246,24 +246,34 @@ class NameList:
         at = self.newlines + len(_PAD)
         return at[:-1] + 1, at[1:]
 
+    def _window(self, at_end: bool, distance: int) -> np.ndarray:
+        """The word ``distance`` characters after every line's start (before its end), as an
+        aligned array: gathering unaligned words is slow, and several literals use the same ones.
+        Clamped to the bytes: a window that would leave them reads the NULs on that side."""
+        key = (at_end, distance)
+        if key not in self._windows:
+            starts, ends = self._line_bounds
+            last = len(self._words) - 1
+            at = (ends - distance if distance <= 8 else np.maximum(ends - distance, 0)) if at_end else \
+                (starts + distance if distance == 0 else np.minimum(starts + distance, last))
+            self._windows[key] = self._words[at]
+        return self._windows[key]
+
+    @cached_property
+    def _windows(self) -> dict[tuple[bool, int], np.ndarray]:
+        return {}
+
     def _holding(self, literal: str) -> np.ndarray:
         """Mask of the names whose line holds ``literal``. One that starts (or ends) with the
         newline is compared at every line's start (end) at once; others are searched for."""
-        blob = self.blob
-        anchored = _anchored(literal) if self._ascii is not None and len(literal) <= len(blob) else None
+        anchored = _anchored(literal) if self._ascii is not None and len(literal) <= len(self.blob) else None
         if anchored is None:
             return self._lines_at(self._occurrences(literal))
-        at_end, n, pieces = anchored
-        # The window of n characters at each line's start (end). Too long for its line, it holds a
-        # newline or NULs, which the literal does not; one of more than 8 is kept inside the bytes.
-        starts, ends = self._line_bounds
-        if at_end:
-            at = ends - n if n <= 8 else np.maximum(ends - n, 0)
-        else:
-            at = starts if n <= 8 else np.minimum(starts, len(self._ascii) - n)
-        words, same = self._words, None
-        for offset, value, mask in pieces:
-            word = words[at + offset if offset else at]
+        at_end, pieces = anchored
+        # A window too long for its line holds a newline or NULs, which the literal does not.
+        same = None
+        for distance, value, mask in pieces:
+            word = self._window(at_end, distance)
             here = (word if mask is None else word & mask) == value
             same = here if same is None else same & here
         return same
@@ -286,35 +296,40 @@ class NameList:
         whole: a match cannot run into the next name.
 
         The names that hold ``literal``, a piece of the blob every match holds, are found first;
-        if they are few, the regex is tried at their lines only. Otherwise it scans the blob once."""
+        if they are few, the regex is tried at their lines only. Otherwise it scans the blob once,
+        from the first of their lines to the last."""
         blob, mask = self.blob, np.zeros(len(self.names), dtype=bool)
+        start, stop = 0, len(blob)
         if literal:
             candidates = self._holding(literal).nonzero()[0]
             if len(candidates) * 8 < len(self.names):
                 starts = self.newlines[candidates].tolist()
-                mask[[k for k, at in zip(candidates.tolist(), starts) if line.match(blob, at)]] = True
+                mask.put([k for k, at in zip(candidates.tolist(), starts) if line.match(blob, at)], True)
                 return mask
-        starts = [m.start() for m in line.finditer(blob)]
+            start, stop = int(self.newlines[candidates[0]]), int(self.newlines[candidates[-1] + 1]) + 1
+        starts = [m.start() for m in line.finditer(blob, start, stop)]
         if starts:
             mask[self.newlines.searchsorted(starts)] = True  # each starts at the newline before its name
         return mask
 
 
 @lru_cache(maxsize=4096)
-def _anchored(literal: str) -> tuple[bool, int, tuple[tuple[int, int, int | None], ...]] | None:
+def _anchored(literal: str) -> tuple[bool, tuple[tuple[int, int, int | None], ...]] | None:
     """A literal that starts (or ends) with the newline, as :meth:`NameList._holding` compares it at
-    every line's start (end): whether at the end, its length without the newline, and its 8-character
-    pieces as little-endian words ``(offset, value, mask)``, the last 8 overlapping (mask None: the
-    whole word). None for other literals, and those a word cannot hold (not ASCII, or with a NUL)."""
+    every line's start (end): whether at the end, and its 8-character pieces as little-endian words
+    ``(distance, value, mask)``, the last 8 overlapping (mask None: the whole word). A piece's
+    distance is from the line's start to it, or from it to the line's end. None for other
+    literals, and those a word cannot hold (not ASCII, or with a NUL)."""
     at_end = literal.endswith("\n")
     if literal.startswith("\n") == at_end or not literal.isascii() or "\0" in literal:
         return None
     text = literal.strip("\n").encode("ascii")
     n = len(text)
-    if n < 8:
-        return at_end, n, ((0, int.from_bytes(text, "little"), (1 << 8 * n) - 1),)
+    if n < 8:  # at the end: the high bytes of the word that ends the line
+        shift = 8 * (8 - n) if at_end else 0
+        return at_end, ((8 if at_end else 0, int.from_bytes(text, "little") << shift, ((1 << 8 * n) - 1) << shift),)
     offsets = [*range(0, n - 7, 8), *([n - 8] if n % 8 else [])]
-    return at_end, n, tuple((k, int.from_bytes(text[k: k + 8], "little"), None) for k in offsets)
+    return at_end, tuple((n - k if at_end else k, int.from_bytes(text[k: k + 8], "little"), None) for k in offsets)
 
 
 def _longest_literal(pattern: str) -> str:
