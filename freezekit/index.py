@@ -332,7 +332,7 @@ class ModelIndex:
 
     @cached_property
     def _positions(self) -> np.ndarray:
-        return self.mod_uid if self._distinct else np.arange(self.n_mod_occ)  # mod_uid: 0, 1, 2... then
+        return self.mod_uid if self._distinct else np.arange(self.n_mod_occ)  # nothing shared: 0, 1, 2, ...
 
     @staticmethod
     def _unique(occurrences: np.ndarray, uid: np.ndarray, n: int) -> np.ndarray:

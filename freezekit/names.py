@@ -253,9 +253,10 @@ class NameList:
         key = (at_end, distance)
         if key not in self._windows:
             starts, ends = self._line_bounds
-            last = len(self._words) - 1
-            at = (ends - distance if distance <= 8 else np.maximum(ends - distance, 0)) if at_end else \
-                (starts + distance if distance == 0 else np.minimum(starts + distance, last))
+            if at_end:  # 8 NULs before the first line: no clamp needed up to 8
+                at = ends - distance if distance <= 8 else np.maximum(ends - distance, 0)
+            else:
+                at = np.minimum(starts + distance, len(self._words) - 1) if distance else starts
             self._windows[key] = self._words[at]
         return self._windows[key]
 
