@@ -280,16 +280,9 @@ class ModelIndex:
 
     @cached_property
     def requires_grad(self) -> np.ndarray:
-        """Each unique parameter's ``requires_grad``, as read at first use, or as ``apply`` read it
-        while changing it (:meth:`seen_requires_grad`)."""
-        seen = self.__dict__.pop("_seen_requires_grad", None)
-        return np.array([p.requires_grad for p in self.params] if seen is None else seen, dtype=bool)
-
-    def seen_requires_grad(self, flags: list[bool]) -> None:
-        """Take ``flags``, read in one pass over :attr:`params`, as :attr:`requires_grad` (an array
-        is made of them if it is asked for)."""
-        self.__dict__.pop("requires_grad", None)
-        self._seen_requires_grad = flags
+        """Each unique parameter's ``requires_grad``, as read at first use (``apply`` reads it as it
+        changes it, in the same pass)."""
+        return np.array([p.requires_grad for p in self.params], dtype=bool)
 
     @cached_property
     def training(self) -> np.ndarray:

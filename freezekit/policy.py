@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch.nn as nn
 
 from . import boundary as _boundary
@@ -116,18 +117,19 @@ class Applied:
             elif want > 0 and not was:
                 param.requires_grad = True
                 thawed(param)
-        index.seen_requires_grad(before)
+        index.requires_grad = np.array(before, dtype=bool)
         # 3. eval locks, on the module that now sits at each place; then the marks of norm layers
         # whose statistics were chosen to adapt (audit reads them)
         modules = index.modules if not at else [at.get(u, m) for u, m in enumerate(index.modules)]
         adapt = d.stats_adapt
         if plan._locks:
-            locked = [modules[u] for u, lock in plan._locks.items() if lock]
-            released = []
+            locked, released = [], []
             log += [("locked", locked), ("unlocked", released)]
-            if False in plan._locks.values():  # rarely: releases
-                for module in [modules[u] for u, lock in plan._locks.items() if not lock]:
-                    released.append((module, _lock.unlock(module)))
+            for u, lock in plan._locks.items():
+                if lock:
+                    locked.append(modules[u])
+                else:
+                    released.append((modules[u], _lock.unlock(modules[u])))
             _lock.lock_all(locked)  # undone by unlocking those that got locked
         marked = set(index.adapting)  # as the walk read them; a swapped-in module is asked again
         todo = {u for u in (adapt == 1).nonzero()[0].tolist() if u not in marked}
