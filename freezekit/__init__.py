@@ -12,7 +12,6 @@ Example:
     >>> applied.undo()
 """
 
-from .audit import Finding, Findings, audit
 from .errors import (
     ConfigError,
     DeadRuleWarning,
@@ -24,7 +23,9 @@ from .errors import (
     PatternError,
     StateError,
 )
-from .grads import grads
+from .findings import Finding, Findings, audit
+from .freeze_state import State, load_state, state, state_dict
+from .gradients import grads
 from .index import unwrap
 from .norm import FrozenBatchNorm, FrozenBatchNormAct
 from .optim import SyncReport, param_groups, sync_optimizer
@@ -32,9 +33,9 @@ from .plan import Change, ModulePlan, ParamPlan, Plan
 from .policy import Applied, Policy
 from .rules import Rule, detach, eval_mode, freeze, unfreeze
 from .schedule import Event, Phase, Schedule, gradual_unfreeze
-from .select import Selection, Selector, first, glob, last, names, norms, regex, types, where
-from .state import State, load_state, state, state_dict
-from .summary import Summary, summary
+from .select import Selection, Selector, glob, names, regex
+from .select_structure import first, last, norms, types, where
+from .summary_table import Summary, summary
 from .targets import frozen_copy, hard_update, polyak_update
 from .values import detached, stop_gradient, to_cpu, to_numpy, to_python
 from .verify import assert_frozen

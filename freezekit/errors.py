@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 __all__ = [
     "ConfigError",
@@ -77,7 +77,7 @@ class FrozenParameterChanged(FreezekitError, AssertionError):
 
     def __init__(self, names: list[str], model: str):
         self.names = names
-        shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
+        shown = some(names, 20)
         super().__init__(f"{len(names)} frozen tensor{'s' if len(names) != 1 else ''} of {model} changed inside "
                          f"assert_frozen: {shown}")
 
@@ -91,6 +91,12 @@ class DeadRuleWarning(FreezekitWarning):
 
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
+
+
+def some(names: Sequence[str], n: int, total: int | None = None) -> str:
+    """The first ``n`` of ``names``, then how many more (of ``total``, by default all of them)."""
+    total = len(names) if total is None else total
+    return ", ".join(names[:n]) + (f", ... ({total - n} more)" if total > n else "")
 
 
 def closest(query: str, names: Iterable[str], n: int = 3) -> list[str]:

@@ -21,6 +21,9 @@ class EvalLock:
 
     __slots__ = ("asked", "module", "previous")
 
+    def __init__(self, module: nn.Module):
+        self.module, self.asked, self.previous = module, module.training, module.__dict__.get("train")
+
     def __call__(self, mode: bool = True) -> nn.Module:
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")
@@ -50,8 +53,7 @@ def asked(module: nn.Module) -> bool:
 def lock(module: nn.Module, existing: EvalLock | None = None) -> EvalLock:
     """Lock ``module`` in eval mode (modifies it in place); ``existing`` re-installs a removed lock."""
     if existing is None:
-        lock_all((module,))
-        return module.__dict__["train"]
+        existing = EvalLock(module)
     existing.asked = module.training  # the module followed the model while it was unlocked
     # Plain attribute writes: nn.Module.__setattr__ has nothing to do for these and costs 5x more.
     module.__dict__["train"] = existing
@@ -60,14 +62,9 @@ def lock(module: nn.Module, existing: EvalLock | None = None) -> EvalLock:
 
 
 def lock_all(modules: Iterable[nn.Module]) -> None:
-    """Lock each of ``modules`` in eval mode (modifies them in place): an apply's loop, kept tight."""
-    make = EvalLock.__new__
+    """Lock each of ``modules`` in eval mode (modifies them in place)."""
     for module in modules:
-        state = module.__dict__
-        new = make(EvalLock)
-        new.module, new.asked, new.previous = module, module.training, state.get("train")
-        state["train"] = new
-        state["training"] = False
+        lock(module)
 
 
 def unlock(module: nn.Module) -> EvalLock:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .errors import FreezekitError, closest
 
-__all__ = ["IMPORTABLE", "WEIGHT_ARGUMENTS", "UnknownModelError", "build", "parse"]
+__all__ = ["IMPORTABLE", "WEIGHT_ARGUMENTS", "UnknownModelError", "build", "build_for_inspection", "parse"]
 
 IMPORTABLE = frozenset({"torch", "torchvision", "timm", "freezekit"})
 SOURCES = ("timm", "torchvision")
@@ -112,6 +112,18 @@ def build(spec: str, *, num_classes: int | None = None, pretrained: bool = False
     if not isinstance(model, nn.Module):
         raise UnknownModelError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def build_for_inspection(spec: str, *, on_cpu: Callable[[str], object] | None = None, **kwargs: Any) -> nn.Module:
+    """Build ``spec`` to look at, not to run: on the meta device (instant, no memory, no weights), or
+    on the CPU for a model that computes its layout from tensor values, after telling ``on_cpu`` so.
+    ``kwargs`` go to :func:`build`, and its errors come through."""
+    try:
+        return build(spec, device="meta", **kwargs)
+    except NotImplementedError:  # a model that computes its layout from tensor values
+        if on_cpu is not None:
+            on_cpu(f"{spec} does not build on the meta device; building it on the CPU")
+        return build(spec, device="cpu", **kwargs)
 
 
 class _NotCached(Exception):

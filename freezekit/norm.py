@@ -8,8 +8,6 @@ The swap goes through the module's parent; :func:`restore` puts the original bac
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,7 +46,6 @@ _SWAPPABLE_WITH_ACT = frozenset({("timm.layers.norm_act", "BatchNormAct2d"),
                                  ("timm.layers.norm_act", "SyncBatchNormAct")})
 
 
-@cache
 def is_norm(cls: type) -> bool:
     """True if modules of class ``cls`` are normalization layers (torch's, timm's, torchvision's
     ``FrozenBatchNorm2d``, freezekit's :class:`FrozenBatchNorm`, or a subclass of any)."""
@@ -58,7 +55,6 @@ def is_norm(cls: type) -> bool:
                for c in cls.__mro__)
 
 
-@cache
 def may_swap(cls: type) -> bool:
     """True if modules of class ``cls`` may be swappable BatchNorms or already frozen ones."""
     return issubclass(cls, FrozenBatchNorm) or _key(cls) in _SWAPPABLE or _key(cls) in _SWAPPABLE_WITH_ACT

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ConfigError, closest
 from .select import Glob, Selector, as_selector
-from .select import from_config as selector_from_config
+from .select_config import from_config as selector_from_config
 
 __all__ = ["ACTIONS", "NORM_MODES", "SIDES", "Rule", "detach", "eval_mode", "freeze", "unfreeze"]
 

@@ -36,7 +36,7 @@ from .optim import SyncReport, sync_optimizer
 from .policy import Policy
 from .rules import unfreeze
 from .select import Selector
-from .select import from_config as selector_from_config
+from .select_config import from_config as selector_from_config
 
 __all__ = ["Event", "Phase", "Schedule", "gradual_unfreeze"]
 

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 import torch
@@ -62,16 +61,8 @@ def tree_map(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
     return value
 
 
-@cache
-def _fields(kind: type) -> tuple[tuple[str, bool], ...]:
-    return tuple((f.name, f.init) for f in dataclasses.fields(kind))
-
-
 def _dataclass(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
-    if torch.compiler.is_compiling():  # dynamo reads fields from the instance, not through a cache
-        fields = tuple((f.name, f.init) for f in dataclasses.fields(value))
-    else:
-        fields = _fields(type(value))
+    fields = [(f.name, f.init) for f in dataclasses.fields(value)]
     mapped = {name: tree_map(fn, getattr(value, name)) for name, _ in fields}
     try:
         out = type(value)(**{name: mapped[name] for name, init in fields if init})

@@ -7,7 +7,7 @@ alternating, and the median taken. Every run prints a table and writes JSON to b
 
 | benchmark | freezekit | baseline | target |
 | --- | --- | --- | --- |
-| apply | a 10-rule policy on meta models of 500 to 94,000 tensors | a bare requires_grad_ loop | <= 1.5x |
+| apply | a 10-rule policy on meta models of 500 to 94,000 tensors | a bare requires_grad_ loop | <= 2x, 1.3x from 2k |
 | summary | fk.summary of the same models | a bare named_parameters() walk | <= 3x |
 | step | a linear-probe step (resnet50, vit_small) | no_grad backbone + head, by hand | <= 1.03x time, memory |
 | runner | an epoch of `freezekit run` (quickstart) | a minimal loop: same model, data, optimizer | <= 1.05x |
@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("FREEZEKIT_BENCH_RESULTS", ROOT / "bench-results"))
 VIT_DEPTHS = [40, 165, 830, 3330, 7830]  # 488 ... 93,968 parameter tensors
 RESNET_BLOCKS = [50, 220, 1105, 4440, 10440]  # 467 ... 93,977
+APPLY_LARGE = 1_900  # "from 2,000 tensors up": the second sizes have 1,988 (ViT) and 1,997 (ResNet)
 QUICK = typer.Option(False, "--quick", help="Small sizes and few repeats: the whole suite in minutes.")
 SMOKE = typer.Option(False, "--smoke", hidden=True, help="The smallest size, once: for the test suite.")
 
@@ -160,12 +161,19 @@ def _apply_row(family: str, size: int, smoke: bool) -> dict[str, Any]:
 
 @app.command()
 def apply(quick: bool = QUICK, smoke: bool = SMOKE) -> dict[str, Any]:
-    """policy.apply (10 rules) / a bare requires_grad_ loop, on meta models of 500 to 94,000 tensors."""
+    """policy.apply (10 rules) / a bare requires_grad_ loop, on meta models of 500 to 94,000 tensors:
+    <= 2.0x at every size and <= 1.3x from 2,000 tensors up."""
     warnings.simplefilter("ignore", fk.DeadRuleWarning)
     rows = [_apply_row(family, size, smoke) for family, size in sizes(quick, smoke)]
-    worst = max(r["ratio"] for r in rows)
     show(rows, ["model", "tensors", "bare_ms", "apply_ms", "ratio", "us_per_tensor"])
-    result = {"worst": worst, "target": 1.5, "verdict": verdict(worst, 1.5)}
+    worst = max(r["ratio"] for r in rows)
+    large = [r["ratio"] for r in rows if r["tensors"] >= APPLY_LARGE]
+    worst_large = max(large) if large else None  # --smoke runs only the smallest size
+    ok = worst <= 2.0 and (worst_large is None or worst_large <= 1.3)
+    result = {"worst": worst, "target": 2.0, "worst_from_2000": worst_large, "target_from_2000": 1.3,
+              "verdict": "ok" if ok else "MISSED"}
+    large_text = "no such size in this run" if worst_large is None else f"{worst_large:.3f}"
+    print(f"worst {worst:.3f} (target <= 2.0); from 2,000 tensors {large_text} (target <= 1.3): {result['verdict']}")
     save("apply", rows, result)
     return result
 
@@ -506,6 +514,8 @@ def run_all(quick: bool = QUICK, smoke: bool = SMOKE) -> None:
     for name, r in outcomes.items():
         sense = ">=" if name in ("cache", "ddp") else "<="
         print(f"  {name:<8} {r['worst']:7.3f}  (target {sense} {r['target']})  {r['verdict']}")
+        if r.get("worst_from_2000") is not None:
+            print(f"  {'':<8} {r['worst_from_2000']:7.3f}  (target {sense} {r['target_from_2000']} from 2,000 tensors)")
 
 
 @app.command()

@@ -24,7 +24,7 @@ def test_every_benchmark_runs_at_its_smallest(tmp_path):
 
 def test_the_apply_benchmark_runs_on_its_own(tmp_path):
     env = {**os.environ, "FREEZEKIT_BENCH_RESULTS": str(tmp_path)}
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_apply.py"), "--smoke"], cwd=tmp_path,
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "apply", "--smoke"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ratio" in result.stdout

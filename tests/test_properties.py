@@ -51,6 +51,7 @@ import freezekit as fk
 from freezekit import boundary as _boundary
 from freezekit import lock as _lock
 from freezekit import select as _select
+from freezekit import select_structure as _structure
 
 pytestmark = pytest.mark.filterwarnings("ignore::freezekit.DeadRuleWarning")
 
@@ -458,17 +459,17 @@ class Reference:
             return self.by_name(lambda n: any(re.fullmatch(p, n) for p in sel.patterns))
         if isinstance(sel, _select.Names):
             return self.by_name(lambda n: n in sel.names)
-        if isinstance(sel, _select.Types):
+        if isinstance(sel, _structure.Types):
             return self.by_object(lambda m: any(isinstance(m, c) if isinstance(c, type)
                                                 else any(k.__name__ == c for k in type(m).__mro__)
                                                 for c in sel.classes))
-        if isinstance(sel, _select.Norms):
+        if isinstance(sel, _structure.Norms):
             return self.by_object(lambda m: isinstance(m, NORMS))
-        if isinstance(sel, _select.Position):
+        if isinstance(sel, _structure.Position):
             members = self.members(sel.container)
             chosen = members[:sel.n] if sel.which == "first" else members[len(members) - min(sel.n, len(members)):]
             return self.expand(set(chosen))
-        if isinstance(sel, _select.Where):
+        if isinstance(sel, _structure.Where):
             mods = {id(m) for m in self.modules.values() if sel.fn("", m)}
             pars = {id(p) for p in self.params.values() if sel.fn("", p)}
             return self.expand({n for n, m in self.mods if id(m) in mods}, {n for n, p in self.pars if id(p) in pars})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -62,3 +64,51 @@ def test_every_test_named_in_the_guarantees_exists():
         if not source.exists() or (name and not re.search(rf"^def {name}\(", source.read_text(), re.M)):
             missing.append(f"{file}::{name}" if name else file)
     assert not missing, f"docs/guarantees.md names tests that do not exist: {missing}"
+
+
+def test_no_public_name_hides_a_submodule():
+    # ``import freezekit.summary as m`` must give the module, not the function fk.summary
+    assert [n for n in fk.__all__ if importlib.util.find_spec(f"freezekit.{n}") is not None] == []
+
+
+def _imports(path: Path) -> set[str]:
+    """The freezekit modules that the module at ``path`` imports, anywhere in it."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = f"{base}.{node.module}" if node.module else base
+            out |= {f"{target}.{a.name}" if (ROOT / f"{target}.{a.name}".replace(".", "/")).with_suffix(".py").exists()
+                    else target for a in node.names}
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            out |= {n for n in names if n.startswith("freezekit")}
+    return {m.removesuffix(".__init__") for m in out}
+
+
+def test_modules_import_each_other_top_down():
+    # no import cycle between freezekit's modules, nor between its subpackages (recipe -> train, not back):
+    # each file can be read knowing only what it imports
+    graph: dict[str, set[str]] = {}
+    for path in (ROOT / "freezekit").rglob("*.py"):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        imported = _imports(path)
+        graph.setdefault(module, set()).update(imported)
+
+        def unit(name: str) -> str:  # a top-level module, or a subpackage as a whole
+            return ".".join(name.split(".")[:2]) + ":"
+
+        graph.setdefault(unit(module), set()).update({unit(m) for m in imported} - {unit(module)})
+    cycles = []
+    for start in graph:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    cycles.append(" -> ".join([*path, nxt]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    assert not cycles, cycles[:5]

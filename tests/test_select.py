@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import freezekit as fk
 from freezekit.index import ModelIndex
-from freezekit.names import NameList, regex_spans_subtrees
+from freezekit.matching import NameList, regex_spans_subtrees
 
 
 def by_hand(model: nn.Module, predicate) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -8,11 +8,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..models import build
+from ..models import build_for_inspection
 from ..policy import Policy
 from ..recipe import check, load
 from ..rules import detach, freeze, unfreeze
-from ..summary import Summary, summary
+from ..summary_table import Summary, summary
 from .errors import user_errors
 from .options import ALLOW_IMPORT
 
@@ -59,11 +59,8 @@ def command(
 
 
 def _build(name: str, allow_import: list[str], **kwargs: object) -> object:
-    try:
-        return build(name, device="meta", allow_import=allow_import, **kwargs)
-    except NotImplementedError:  # some models compute their layout from tensor values
-        typer.echo(f"note: {name} does not build on the meta device; building it on the CPU", err=True)
-        return build(name, device="cpu", allow_import=allow_import, **kwargs)
+    return build_for_inspection(name, on_cpu=lambda note: typer.echo(f"note: {note}", err=True),
+                                allow_import=allow_import, **kwargs)
 
 
 def _print_table(result: Summary) -> None:

@@ -17,16 +17,16 @@ import torch.nn as nn
 
 from ..errors import ConfigError, DeadRuleWarning, FreezekitError, NoMatchError, closest
 from ..index import ModelIndex
-from ..models import WEIGHT_ARGUMENTS, build
+from ..labels import SHAPES, classes_in
+from ..models import WEIGHT_ARGUMENTS, build_for_inspection
 from ..optim import param_groups, sync_optimizer
 from ..plan import Plan
 from ..policy import Policy
 from ..schedule import Schedule
 from ..select import Resolver
-from ..select import from_config as selector_from_config
-from ..summary import Summary, summary
-from ..train.checkpoint import CheckpointError, load_weights
-from ..train.data import SHAPES, classes_in
+from ..select_config import from_config as selector_from_config
+from ..summary_table import Summary, summary
+from ..weights import CheckpointError, load_weights
 from .load import Problem, RecipeError, _from_override, locate, split_path
 from .schema import Recipe
 
@@ -112,10 +112,7 @@ def _output(recipe: Recipe, out: _Collector) -> None:
 def _model(recipe: Recipe, num_classes: int, allow_import: tuple[str, ...], out: _Collector) -> nn.Module | None:
     spec = recipe.model
     try:
-        try:
-            return build(spec.name, num_classes=num_classes, device="meta", allow_import=allow_import, **spec.kwargs)
-        except NotImplementedError:  # a model that computes its layout from tensor values
-            return build(spec.name, num_classes=num_classes, device="cpu", allow_import=allow_import, **spec.kwargs)
+        return build_for_inspection(spec.name, num_classes=num_classes, allow_import=allow_import, **spec.kwargs)
     except FreezekitError as e:
         loads = any(k in spec.kwargs for k in WEIGHT_ARGUMENTS)
         out.add("model.kwargs" if loads else "model.name", str(e).removeprefix(f"model {spec.name!r}: "))

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..labels import SHAPES, classes_in
+
 __all__ = ["SHAPES", "Split", "augment", "batches", "classes_in", "image_folder", "normalize", "shapes"]
 
-SHAPES = ["circle", "square", "triangle"]
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -64,11 +65,6 @@ def shapes(image_size: int, train_size: int, val_size: int, seed: int) -> tuple[
     """The built-in dataset: ``train_size`` + ``val_size`` drawn images, the same for the same seed."""
     generator = torch.Generator().manual_seed(10_007 + seed)
     return _draw(train_size, image_size, generator), _draw(val_size, image_size, generator), list(SHAPES)
-
-
-def classes_in(folder: Path) -> list[str]:
-    """The class names of an image folder: its subfolders, sorted."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _read(folder: Path, classes: list[str], size: int) -> Split:

@@ -27,16 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from ..errors import DeadRuleWarning, FreezekitError
-from ..models import build
-from ..optim import param_groups
+from ..errors import DeadRuleWarning
+from ..freeze_state import State, state, state_dict
 from ..recipe import Recipe, check
 from ..recipe.check import optimizer_rules
 from ..schedule import Event, Schedule
-from ..state import State, state, state_dict
-from ..summary import summary
+from ..summary_table import summary
 from . import checkpoint as ckpt
-from .data import Split, augment, batches, image_folder, normalize, shapes
+from .data import augment, batches, normalize
 from .distributed import (
     barrier,
     check_in_sync,
@@ -50,12 +48,9 @@ from .distributed import (
 from .faults import kill_at
 from .features import FeatureCache, why_not_cacheable
 from .progress import Reporter
+from .setup import RunError, WarmupThen, build_model, build_optimizer, load_data, resolve_device
 
 __all__ = ["RunError", "RunResult", "run"]
-
-
-class RunError(FreezekitError, RuntimeError):
-    """A run that cannot start or go on: its message says why and what to do."""
 
 
 @dataclass
@@ -66,62 +61,6 @@ class RunResult:
     final: dict[str, Any] = field(default_factory=dict)
 
 
-class WarmupThen:
-    """The learning-rate multiplier per step: linear warmup from 0, then cosine to 0 or constant."""
-
-    def __init__(self, warmup: int, total: int, shape: str):
-        self.warmup, self.total, self.shape = warmup, total, shape
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        if self.shape == "constant":
-            return 1.0
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _device_type(choice: str) -> str:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RunError("train.device: cuda was asked for, but no GPU is available")
-    return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def _data(recipe: Recipe) -> tuple[Split, Split, list[str]]:
-    d = recipe.data
-    if d.kind == "shapes":
-        return shapes(d.image_size, d.train_size, d.val_size, recipe.seed)
-    return image_folder(Path(d.path).expanduser(), d.image_size)
-
-
-def _model(recipe: Recipe, num_classes: int, allow_import: tuple[str, ...], say: Any) -> nn.Module:
-    spec = recipe.model
-    model = build(spec.name, num_classes=num_classes, pretrained=spec.pretrained, allow_import=allow_import,
-                  **spec.kwargs)
-    if spec.checkpoint:
-        weights = ckpt.load_weights(Path(spec.checkpoint).expanduser())
-        own = model.state_dict()
-        fitting = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-        skipped = sorted(k for k in weights if k in own and own[k].shape != weights[k].shape)
-        missing = model.load_state_dict(fitting, strict=False).missing_keys
-        say(f"loaded {len(fitting)} tensors from {spec.checkpoint}" +
-            (f"; kept new {', '.join(skipped)} (shapes differ)" if skipped else "") +
-            (f"; {len(missing)} not in the file" if missing else ""))
-    return model
-
-
-def _optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
-    o = recipe.optimizer
-    groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, rules=optimizer_rules(recipe),
-                          layer_decay=o.layer_decay)
-    if not groups:
-        raise RunError("nothing is trainable at the start: the recipe's policy freezes every parameter")
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    kind = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return kind(groups, lr=o.lr, weight_decay=o.weight_decay)
-
-
 class _Run:
     """One run's state: built from the recipe, or restored from ``checkpoints/last.pt``."""
 
@@ -130,7 +69,7 @@ class _Run:
         prepared = check(recipe, allow_import)  # every problem, before anything is written
         self.schedule: Schedule = prepared.schedule
         self.groups = {"rules": optimizer_rules(recipe), "layer_decay": recipe.optimizer.layer_decay}
-        device_type = _device_type(recipe.train.device)
+        device_type = resolve_device(recipe.train.device)
         self.world = world(device_type)
         self.device = torch.device(device_type, self.world.local_rank) if device_type == "cuda" else torch.device("cpu")
         strategy = recipe.train.strategy
@@ -138,15 +77,15 @@ class _Run:
         if strategy == "fsdp" and not self.world.distributed:
             reporter.say("note: train.strategy fsdp shards across processes; run under torchrun to use it")
         torch.manual_seed(recipe.seed)
-        self.train_set, self.val_set, self.classes = _data(recipe)
-        self.model = _model(recipe, prepared.num_classes, allow_import, reporter.say)
+        self.train_set, self.val_set, self.classes = load_data(recipe)
+        self.model = build_model(recipe, prepared.num_classes, allow_import, reporter.say)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeadRuleWarning)
             prepared.policy.apply(self.model)
         self.model.to(self.device)
         if self.strategy == "fsdp":
             shard(self.model)  # before the optimizer: sharding makes new parameter objects
-        self.optimizer = _optimizer(recipe, self.model)
+        self.optimizer = build_optimizer(recipe, self.model)
         self.steps_per_epoch = len(self.batches(0))
         total = recipe.train.epochs * self.steps_per_epoch
         shape = WarmupThen(round(recipe.optimizer.warmup_epochs * self.steps_per_epoch), total,

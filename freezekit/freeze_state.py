@@ -20,17 +20,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch.nn as nn
 
 from . import boundary as _boundary
-from .errors import StateError, closest
+from .errors import StateError, closest, some
 from .index import ModelIndex
-from .lock import is_locked
 from .norm import is_frozen_bn
 from .policy import Applied, Policy
 from .rules import Rule, detach, eval_mode, freeze, unfreeze
-from .select import Exactly, names
+from .select import names
+from .select_structure import Exactly
 
 __all__ = ["State", "load_state", "state", "state_dict"]
 
@@ -111,34 +110,24 @@ class State:
         for status in ("detached", "trainable"):
             chosen = [n for n, s in self.parameters.items() if s == status]
             if chosen and len(chosen) < len(self.parameters):
-                lines.append(f"  {status}: " + _some(chosen))
+                lines.append(f"  {status}: " + some(chosen, 8))
         if self.eval_locked:
-            lines.append(f"  eval-locked: {_some(list(self.eval_locked))}")
+            lines.append(f"  eval-locked: {some(self.eval_locked, 8)}")
         if self.frozen_bn:
-            lines.append(f"  frozen BatchNorm: {_some(list(self.frozen_bn))}")
+            lines.append(f"  frozen BatchNorm: {some(self.frozen_bn, 8)}")
         for b in self.boundaries:
             lines.append(f"  boundary at {b.at} of {b.module or '(root)'}" + (" (no_grad)" if b.no_grad else ""))
         return "\n".join(lines)
 
 
-def _some(items: list[str], n: int = 8) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
-
-
 def state(model: nn.Module) -> State:
     """The current freeze map of ``model`` (through DDP / compile / FSDP wrappers, by inner names)."""
     index = ModelIndex(model)
-    cut = np.zeros(index.n_modules, dtype=bool)
-    cuts, locked = [], []
-    for u in index.maybe_locked_or_cut:
-        name, module = index.module_names[u], index.modules[u]
-        installed = _boundary.boundaries(module)
-        cuts += [Boundary(name, b.at, b.no_grad) for b in reversed(installed)]
-        cut[u] = any(b.at == "output" for b in installed)
-        if is_locked(module):
-            locked.append(name)
+    cuts = [Boundary(index.module_names[u], b.at, b.no_grad)
+            for u in index.maybe_cut for b in reversed(_boundary.boundaries(index.modules[u]))]
+    locked = [index.module_names[u] for u in index.eval_locked()]
     swapped = [index.module_names[u] for u in index.class_mask(is_frozen_bn).nonzero()[0]]
-    behind = index.params_only_under(cut) if cut.any() else np.zeros(index.n_params, dtype=bool)
+    behind = index.behind_output_boundaries()
     statuses = {name: "frozen" if not rg else ("detached" if det else "trainable")
                 for name, rg, det in zip(index.param_names, index.requires_grad.tolist(), behind.tolist())}
     return State(index.model_name, statuses, tuple(locked), tuple(swapped), tuple(cuts))
@@ -192,7 +181,7 @@ def _check_fits(current: State, target: State, index: ModelIndex) -> None:
         near = closest(name, list(current.parameters))
         problems.append(f"parameter {name!r} is not in {current.model}" + (f" (closest: {near[0]!r})" if near else ""))
     if extra:
-        problems.append(f"{len(extra)} parameters of {current.model} are not in the state: {_some(extra, 5)}")
+        problems.append(f"{len(extra)} parameters of {current.model} are not in the state: {some(extra, 5)}")
     modules = set(index.module_names)
     for key, listed in (("eval_locked", target.eval_locked), ("frozen_bn", target.frozen_bn),
                         ("boundaries", [b.module for b in target.boundaries])):

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import boundary as _boundary
-from .index import ModelIndex, _wrapper_attr
+from .errors import some
+from .index import ModelIndex, peel
 from .lock import is_locked
 from .norm import STATS_ADAPT, FrozenBatchNorm
 
@@ -49,8 +49,7 @@ class Finding:
     fix: str
 
     def __str__(self) -> str:
-        shown = ", ".join(self.names[:8]) + (f", ... ({len(self.names) - 8} more)" if len(self.names) > 8 else "")
-        return f"{self.code} {self.title}: {shown}\n      fix: {self.fix}"
+        return f"{self.code} {self.title}: {some(self.names, 8)}\n      fix: {self.fix}"
 
 
 class Findings(list):
@@ -122,13 +121,8 @@ def _drifting_norms(index: ModelIndex) -> list[Finding]:
 
 
 def _stale_ddp(model: nn.Module, index: ModelIndex) -> list[Finding]:
-    wrappers = []
-    module = model
-    while (attr := _wrapper_attr(type(module))) is not None:
-        wrappers.append(module)
-        module = module._modules[attr]
     out = []
-    for wrapper in wrappers:
+    for wrapper in peel(model)[1]:
         if not hasattr(wrapper, "_get_ddp_logging_data"):
             continue
         built = wrapper._get_ddp_logging_data()
@@ -200,9 +194,7 @@ def _tied_conflicts(index: ModelIndex) -> list[Finding]:
             conflicts += [index.param_names[i] for i in group]
     # One tensor reachable under several names, some behind an output boundary and some not.
     if len(index.par_uid) > index.n_params:
-        cut = np.zeros(index.n_modules, dtype=bool)
-        for u in index.maybe_cut:
-            cut[u] = any(b.at == "output" for b in _boundary.boundaries(index.modules[u]))
+        cut = index.cut_at_output()
         if cut.any():
             only_under = index.params_only_under(cut)
             any_under = index.expand_modules(cut)[1]

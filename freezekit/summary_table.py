@@ -26,11 +26,8 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
-from . import boundary as _boundary
-from .index import ModelIndex, class_number, numbered_classes
-from .lock import is_locked
-from .norm import frozen_class
-from .plan import Plan, decide
+from .index import ModelIndex
+from .plan import Plan
 from .policy import Policy
 
 __all__ = ["Row", "Summary", "summary"]
@@ -135,13 +132,15 @@ class _Table:
 
         self.total = subtree(occ_numel)
         self.by_status = [subtree(occ_numel * (occ_status == code)) for code in range(len(STATUS))]
-        class_of = index.class_of
+        classes, class_of = list(index.classes), index.class_of
         if swapped:  # a preview: the classes a policy swaps in (FrozenBatchNorm, or back)
             class_of = class_of.copy()
             for u, cls in swapped.items():
-                class_of[u] = class_number(cls)
+                if cls not in classes:
+                    classes.append(cls)
+                class_of[u] = classes.index(cls)
         self.class_of = class_of[index.mod_uid]
-        self.class_names = [c.__name__ for c in numbered_classes()]
+        self.class_names = [c.__name__ for c in classes]
         mode = np.where(locked, 2, index.training.astype(np.int64))
         self.mode_of = mode[index.mod_uid]
         # Two sibling modules are "identical" for collapsing if all of these agree.
@@ -237,22 +236,13 @@ def summary(model: nn.Module, depth: int | None = None, policy: Policy | None = 
     index = ModelIndex(model)
     swapped: dict[int, type] = {}
     if policy is not None:
-        plan = Plan(policy, index, decide(policy.rules, index))
-        swapped = {u: frozen_class(index.modules[u]) if want else type(index.modules[u].original)
-                   for u, want in plan._swaps.items()}
-        requires_grad, detached = plan._rg_after, plan._detached
-        locked = np.zeros(index.n_modules, dtype=bool)
-        for u, lk in enumerate(m.eval_locked for m in plan.modules.values()):
-            locked[u] = lk
+        plan = Plan(policy.rules, index)
+        swapped = {u: type(m) for u, m in plan.placed.items()}
+        requires_grad, detached, locked = plan.requires_grad_after, plan.detached, plan.eval_locked
     else:
-        requires_grad = index.requires_grad
-        cut = np.zeros(index.n_modules, dtype=bool)
+        requires_grad, detached = index.requires_grad, index.behind_output_boundaries()
         locked = np.zeros(index.n_modules, dtype=bool)
-        for u in index.maybe_locked_or_cut:
-            module = index.modules[u]
-            cut[u] = any(b.at == "output" for b in _boundary.boundaries(module))
-            locked[u] = is_locked(module)
-        detached = index.params_only_under(cut) if cut.any() else np.zeros(index.n_params, dtype=bool)
+        locked[index.eval_locked()] = True
     status = np.where(~requires_grad, 1, np.where(detached, 2, 0))
     table = _Table(index, status, locked, swapped)
     if depth is None:

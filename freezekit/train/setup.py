@@ -1,0 +1,81 @@
+"""What a run is built from, each piece from its recipe: the device, the data, the model (with the
+recipe's checkpoint loaded), the optimizer and its learning-rate shape."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import FreezekitError
+from ..models import build
+from ..optim import param_groups
+from ..recipe import Recipe
+from ..recipe.check import optimizer_rules
+from . import checkpoint as ckpt
+from .data import Split, image_folder, shapes
+
+__all__ = ["RunError", "WarmupThen", "build_model", "build_optimizer", "load_data", "resolve_device"]
+
+
+class RunError(FreezekitError, RuntimeError):
+    """A run that cannot start or go on: its message says why and what to do."""
+
+
+class WarmupThen:
+    """The learning-rate multiplier per step: linear warmup from 0, then cosine to 0 or constant."""
+
+    def __init__(self, warmup: int, total: int, shape: str):
+        self.warmup, self.total, self.shape = warmup, total, shape
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.shape == "constant":
+            return 1.0
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_device(choice: str) -> str:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RunError("train.device: cuda was asked for, but no GPU is available")
+    return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def load_data(recipe: Recipe) -> tuple[Split, Split, list[str]]:
+    d = recipe.data
+    if d.kind == "shapes":
+        return shapes(d.image_size, d.train_size, d.val_size, recipe.seed)
+    return image_folder(Path(d.path).expanduser(), d.image_size)
+
+
+def build_model(recipe: Recipe, num_classes: int, allow_import: tuple[str, ...], say: Any) -> nn.Module:
+    spec = recipe.model
+    model = build(spec.name, num_classes=num_classes, pretrained=spec.pretrained, allow_import=allow_import,
+                  **spec.kwargs)
+    if spec.checkpoint:
+        weights = ckpt.load_weights(Path(spec.checkpoint).expanduser())
+        own = model.state_dict()
+        fitting = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(k for k in weights if k in own and own[k].shape != weights[k].shape)
+        missing = model.load_state_dict(fitting, strict=False).missing_keys
+        say(f"loaded {len(fitting)} tensors from {spec.checkpoint}" +
+            (f"; kept new {', '.join(skipped)} (shapes differ)" if skipped else "") +
+            (f"; {len(missing)} not in the file" if missing else ""))
+    return model
+
+
+def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    o = recipe.optimizer
+    groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, rules=optimizer_rules(recipe),
+                          layer_decay=o.layer_decay)
+    if not groups:
+        raise RunError("nothing is trainable at the start: the recipe's policy freezes every parameter")
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    kind = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return kind(groups, lr=o.lr, weight_decay=o.weight_decay)
