@@ -119,12 +119,12 @@ def _dead(rules: tuple[Rule, ...], selected: list[tuple[np.ndarray, np.ndarray]]
     its parameters or norm layers, an unfreeze its parameters or modules, an eval_mode its modules.
     Releasing a lock only matters where one was: a rule whose only surviving decisions are
     releases (an unfreeze overridden by a later freeze) is as good as dead."""
-    deciding = set()
+    deciding = np.zeros(len(rules) + 1, dtype=bool)  # the last: "no rule" (-1)
     for by in deciders:
-        deciding.update(np.unique(by).tolist())
+        deciding[by] = True
     dead = []
     for i, (rule, (mods, pars)) in enumerate(zip(rules, selected)):
-        if i in deciding or rule.action == "detach":
+        if deciding[i] or rule.action == "detach":
             continue
         if rule.action == "freeze":
             mods = mods & index.norms

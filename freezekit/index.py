@@ -82,57 +82,85 @@ class ModelIndex:
         self._walk()
 
     def _walk(self) -> None:
-        occ, mod_names, depths, class_numbers = [], [], [], []
-        par_occ, par_names, par_owner = [], [], []
-        numbers: dict[type, int] = {}  # each class seen, numbered in order of first sight
-        stack = [("", self.root, 0)]
-        while stack:  # pre-order, as named_modules(remove_duplicate=False)
-            name, module, depth = stack.pop()
-            cls = type(module)
-            if cls not in numbers:  # a class not seen before: a wrapper is looked through
-                module = peel(module)[0]
-                cls = type(module)
-            i = len(occ)
-            occ.append(module)
-            mod_names.append(name)
-            depths.append(depth)
-            class_numbers.append(numbers.setdefault(cls, len(numbers)))
-            prefix = name + "." if name else ""
-            for key, p in module._parameters.items():
-                if p is not None:
-                    par_occ.append(p)
-                    par_names.append(prefix + key)
-                    par_owner.append(i)
-            stack += reversed([(prefix + key, child, depth + 1) for key, child in module._modules.items()
-                               if child is not None])
+        # What planning needs of each module and parameter is read here, while it is at hand.
+        occ, mod_names, mod_end, class_numbers = [], [], [], []
+        par_occ, par_names, par_owner, par_rg = [], [], [], []
+        kinds: dict[type, tuple[int, bool]] = {}  # each class seen: its number, and whether it is a norm layer
+        # norm layers, those that keep running statistics, those chosen to adapt them; modules with an
+        # instance-level train / forward, the only ones that may hold an eval lock or a boundary (rarely any)
+        with_norm, with_stats, with_mark, with_train, with_forward = [], [], [], [], []
+
+        # Depth first, in named_modules() order, without recursion: each level is an iterator over
+        # its container's children, resumed when the child's subtree is done.
+        stack = [(iter([("", self.root)]), "", -1)]  # (children, their name prefix, their parent)
+        while stack:
+            children, prefix, parent = stack[-1]
+            for key, module in children:
+                if module is None:
+                    continue
+                kind = kinds.get(type(module))
+                if kind is None:  # a class not seen before: a wrapper is looked through
+                    module = peel(module)[0]
+                    kind = kinds.setdefault(type(module), (len(kinds), is_norm(type(module))))
+                i, name, state = len(occ), prefix + key, module.__dict__
+                occ.append(module)
+                mod_names.append(name)
+                mod_end.append(i + 1)  # a leaf's; a container's is set when its children are done
+                class_numbers.append(kind[0])
+                if kind[1]:  # a norm layer: does it keep running statistics, was it chosen to adapt them?
+                    with_norm.append(i)
+                    if keeps_running_stats(module):
+                        with_stats.append(i)
+                    if STATS_ADAPT in state:
+                        with_mark.append(i)
+                if "train" in state:
+                    with_train.append(i)
+                if "forward" in state:
+                    with_forward.append(i)
+                below = name + "." if name else ""  # the prefix of what lies below it
+                for pname, p in state["_parameters"].items():
+                    if p is not None:
+                        par_occ.append(p)
+                        par_names.append(below + pname)
+                        par_owner.append(i)
+                        par_rg.append(p.requires_grad)
+                if state["_modules"]:  # descend; this iterator resumes when that subtree is done
+                    stack.append((iter(state["_modules"].items()), below, i))
+                    break
+            else:
+                stack.pop()
+                if parent >= 0:
+                    mod_end[parent] = len(occ)
 
         self.mod_names, self.par_names = mod_names, par_names
         self.n_mod_occ = len(mod_names)
         self.names = NameList(mod_names + par_names)  # every name, modules first: one scan per pattern
         self.param_owner = np.array(par_owner, dtype=np.intp)  # parameter occurrence -> module occurrence
-        self.mod_end = _subtree_ends(depths)  # module occurrence -> the first occurrence after its subtree
+        self.mod_end = np.array(mod_end, dtype=np.intp)  # module occurrence -> the first occurrence after its subtree
         self.mod_uid, self.modules, self.module_names = _dedup(occ, mod_names)
         self.par_uid, self.params, self.param_names = _dedup(par_occ, par_names)
         self.n_modules, self.n_params = len(self.modules), len(self.params)
-        self.classes = list(numbers)  # each unique module's class is classes[class_of[u]]
+        # per unique object, from any of its occurrences (they are the same object)
+        self.classes = list(kinds)  # each unique module's class is classes[class_of[u]]
         self.class_of = np.zeros(self.n_modules, dtype=np.intp)
         self.class_of[self.mod_uid] = class_numbers
-
-        # What planning needs to know of modules, read once. Norm layers: by class, then which keep
-        # running statistics, which a frozen BatchNorm may replace (or is), which were chosen to adapt.
-        self.norms = self.class_mask(is_norm)
-        norm_list = self.norms.nonzero()[0].tolist()
-        self.norm_stats = np.zeros(self.n_modules, dtype=bool)
-        self.norm_stats[[u for u in norm_list if keeps_running_stats(self.modules[u])]] = True
-        stats = self.norm_stats.nonzero()[0]
-        swap_class = self.class_mask(may_swap)
+        self.requires_grad = np.zeros(self.n_params, dtype=bool)  # as read in the walk
+        self.requires_grad[self.par_uid] = par_rg
+        self.norms, self.norm_stats = self._marked(with_norm), self._marked(with_stats)
+        stats = self.norm_stats.nonzero()[0].tolist()
+        swap_class, frozen_class = self.class_mask(may_swap), self.class_mask(is_frozen_bn)
         # those a frozen BatchNorm may replace (or is); never the root, which has no parent to swap it through
-        self.swappable = [u for u in stats.tolist() if swap_class[u] and u != 0]
-        self.frozen_bn = [u for u in self.swappable if is_frozen_bn(type(self.modules[u]))]
-        self.adapting = [u for u in norm_list if STATS_ADAPT in self.modules[u].__dict__]
-        # Modules with an instance-level train / forward: the only ones that may hold an eval lock or a boundary.
-        self.maybe_locked = [u for u, m in enumerate(self.modules) if "train" in m.__dict__]
-        self.maybe_cut = [u for u, m in enumerate(self.modules) if "forward" in m.__dict__]
+        self.swappable = [u for u in stats if swap_class[u] and u != 0]
+        self.frozen_bn = [u for u in self.swappable if frozen_class[u]]
+        self.adapting = self._marked(with_mark).nonzero()[0].tolist()
+        self.maybe_locked = self._marked(with_train).nonzero()[0].tolist()
+        self.maybe_cut = self._marked(with_forward).nonzero()[0].tolist()
+
+    def _marked(self, occurrences: list[int]) -> np.ndarray:
+        """Unique-module mask of the modules at ``occurrences``."""
+        mask = np.zeros(self.n_modules, dtype=bool)
+        mask[self.mod_uid[occurrences]] = True
+        return mask
 
     @cached_property
     def mod_parent(self) -> np.ndarray:
@@ -151,11 +179,6 @@ class ModelIndex:
         """Module occurrence -> its first parameter occurrence, and the number of them at the end:
         the parameters of a subtree are ``mod_pstart[i]:mod_pstart[mod_end[i]]``."""
         return np.concatenate(([0], np.bincount(self.param_owner, minlength=self.n_mod_occ).cumsum()))
-
-    @cached_property
-    def requires_grad(self) -> np.ndarray:
-        """Each unique parameter's ``requires_grad``, as read at first use."""
-        return np.array([p.requires_grad for p in self.params], dtype=bool)
 
     @cached_property
     def training(self) -> np.ndarray:
@@ -273,16 +296,6 @@ class ModelIndex:
             holder = holder._modules[key]
             key = wrapper_attr(type(holder))
         return holder, key
-
-
-def _subtree_ends(depths: list[int]) -> np.ndarray:
-    """For each occurrence of a pre-order with these depths, the first occurrence after its subtree."""
-    ends, open_ = [len(depths)] * len(depths), []
-    for i, depth in enumerate(depths):
-        while open_ and depths[open_[-1]] >= depth:
-            ends[open_.pop()] = i
-        open_.append(i)
-    return np.array(ends, dtype=np.intp)
 
 
 def _dedup(objects: list, names: list[str]) -> tuple[np.ndarray, list, list[str]]:

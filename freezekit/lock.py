@@ -62,9 +62,11 @@ def lock(module: nn.Module, existing: EvalLock | None = None) -> EvalLock:
 
 
 def lock_all(modules: Iterable[nn.Module]) -> None:
-    """Lock each of ``modules`` in eval mode (modifies them in place)."""
+    """Lock each of ``modules`` in eval mode (modifies them in place): :func:`lock`, as one loop."""
     for module in modules:
-        lock(module)
+        state = module.__dict__
+        state["train"] = EvalLock(module)
+        state["training"] = False
 
 
 def unlock(module: nn.Module) -> EvalLock:

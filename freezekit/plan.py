@@ -21,7 +21,7 @@ from .errors import some
 from .index import ModelIndex
 from .norm import STATS_ADAPT, FrozenBatchNorm, frozen
 from .rules import Rule
-from .steps import UNSET, AddBoundary, DropGrads, Lock, Release, SetAttribute, SetRequiresGrad, Step, Swap
+from .steps import UNSET, AddBoundary, Freeze, Lock, Release, SetAttribute, Step, Swap, Unfreeze
 
 __all__ = ["Change", "ModulePlan", "ParamPlan", "Plan"]
 
@@ -122,10 +122,9 @@ class Plan:
             slots = list(dict.fromkeys(index.slot(o) for o in index.occurrences(u)))
             steps.append(Swap(modules[u], new, slots))
         placed = [self.placed.get(u, m) for u, m in enumerate(modules)] if self.placed else modules
-        before, after = self.requires_grad_before, self.requires_grad_after
-        steps.append(SetRequiresGrad([params[p] for p in (before & ~after).nonzero()[0]], False))
-        steps.append(SetRequiresGrad([params[p] for p in (~before & after).nonzero()[0]], True))
-        steps.append(DropGrads([params[p] for p in (d.requires_grad == 0).nonzero()[0]]))
+        steps.append(Freeze([params[p] for p in (d.requires_grad == 0).nonzero()[0].tolist()]))
+        turn_on = ~self.requires_grad_before & self.requires_grad_after
+        steps.append(Unfreeze([params[p] for p in turn_on.nonzero()[0].tolist()]))
         steps.append(Lock([placed[u] for u, lock in self.locks.items() if lock]))
         steps.append(Release([placed[u] for u, lock in self.locks.items() if not lock]))
         # the marks of norm layers whose statistics were chosen to adapt (audit reads them)
@@ -241,4 +240,4 @@ def _flips(decided: np.ndarray, now: set[int]) -> dict[int, bool]:
     -1 none) differs from what is on ``now``."""
     on = [u for u in (decided == 1).nonzero()[0].tolist() if u not in now]
     off = [u for u in now if decided[u] == 0]
-    return dict(sorted([*((u, True) for u in on), *((u, False) for u in off)]))
+    return dict(sorted([*((u, True) for u in on), *((u, False) for u in off)])) if off else dict.fromkeys(on, True)

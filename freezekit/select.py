@@ -6,6 +6,10 @@ parameters. A selected module brings its submodules and every parameter beneath 
 reachable under several names (tied weights) is one parameter. ``|``, ``&``, ``-`` and ``~`` work
 on these resolved sets and never re-expand them.
 
+Here: the selector algebra and the selectors by name (:func:`glob`, :func:`regex`, :func:`names`).
+Selectors by structure (types, norms, positions, ``where``) are in :mod:`~freezekit.select_structure`,
+their recipe form in :mod:`~freezekit.select_config`, class names in :mod:`~freezekit.type_names`.
+
 Example:
     >>> import timm, freezekit as fk
     >>> vit = timm.create_model("test_vit", pretrained=False)

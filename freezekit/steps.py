@@ -16,7 +16,7 @@ from . import boundary as _boundary
 from . import lock as _lock
 from .norm import FrozenBatchNorm, original_of
 
-__all__ = ["AddBoundary", "DropGrads", "Lock", "Release", "SetAttribute", "SetRequiresGrad", "Step", "Swap"]
+__all__ = ["AddBoundary", "Freeze", "Lock", "Release", "SetAttribute", "Step", "Swap", "Unfreeze"]
 
 UNSET: Any = object()  # SetAttribute: the attribute is absent
 
@@ -71,34 +71,39 @@ def _sync_into(frozen_module: FrozenBatchNorm, original: nn.Module) -> None:
 
 
 @dataclass
-class SetRequiresGrad(Step):
-    """Set ``requires_grad`` of ``params`` (each of which holds the opposite now) to ``value``."""
+class Freeze(Step):
+    """Freeze ``params``: ``requires_grad`` off, and no ``.grad`` left (nothing frozen keeps a stale
+    gradient). Undo turns the flag back on where this turned it off; a dropped gradient stays dropped."""
 
     params: list[nn.Parameter]
-    value: bool
+    _turned_off: list[nn.Parameter] = field(default_factory=list, repr=False)
 
     def apply(self) -> None:
-        for p in self.params:
-            p.requires_grad = self.value
-
-    def undo(self) -> None:
-        for p in self.params:
-            p.requires_grad = not self.value
-
-
-@dataclass
-class DropGrads(Step):
-    """Drop the ``.grad`` of frozen ``params``: nothing frozen keeps a stale gradient. Not undone."""
-
-    params: list[nn.Parameter]
-
-    def apply(self) -> None:
-        for p in self.params:
+        for p in self.params:  # one pass: each tensor is read and changed while it is at hand
+            if p.requires_grad:
+                p.requires_grad = False
+                self._turned_off.append(p)
             if p.grad is not None:
                 p.grad = None
 
     def undo(self) -> None:
-        pass
+        while self._turned_off:
+            self._turned_off.pop().requires_grad = True
+
+
+@dataclass
+class Unfreeze(Step):
+    """Turn ``requires_grad`` on for ``params``, each of which has it off now."""
+
+    params: list[nn.Parameter]
+
+    def apply(self) -> None:
+        for p in self.params:
+            p.requires_grad = True
+
+    def undo(self) -> None:
+        for p in self.params:
+            p.requires_grad = False
 
 
 @dataclass
