@@ -14,7 +14,7 @@ FSDP2 (``fully_shard``) keeps the model's own names and needs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cached_property
 
 import numpy as np
@@ -117,15 +117,18 @@ class ModelIndex:
                     with_train.append(i)
                 if "forward" in state:
                     with_forward.append(i)
+                own, sub = state["_parameters"], state["_modules"]
+                if not (own or sub):  # a leaf without parameters
+                    continue
                 below = name + "." if name else ""  # the prefix of what lies below it
-                for pname, p in state["_parameters"].items():
+                for pname, p in own.items():
                     if p is not None:
                         par_occ.append(p)
                         par_names.append(below + pname)
                         par_owner.append(i)
                         par_rg.append(p.requires_grad)
-                if state["_modules"]:  # descend; this iterator resumes when that subtree is done
-                    stack.append((iter(state["_modules"].items()), below, i))
+                if sub:  # descend; this iterator resumes when that subtree is done
+                    stack.append((iter(sub.items()), below, i))
                     break
             else:
                 stack.pop()
@@ -138,7 +141,7 @@ class ModelIndex:
         self.param_owner = np.array(par_owner, dtype=np.intp)  # parameter occurrence -> module occurrence
         self.mod_end = np.array(mod_end, dtype=np.intp)  # module occurrence -> the first occurrence after its subtree
         self.mod_uid, self.modules, self.module_names = _dedup(occ, mod_names)
-        self.par_uid, self.params, self.param_names = _dedup(par_occ, par_names)
+        self.par_uid, self.params, self.param_names = _dedup(par_occ, par_names, map(id, par_occ))
         self.n_modules, self.n_params = len(self.modules), len(self.params)
         # per unique object, from any of its occurrences (they are the same object)
         self.classes = list(kinds)  # each unique module's class is classes[class_of[u]]
@@ -298,10 +301,15 @@ class ModelIndex:
         return holder, key
 
 
-def _dedup(objects: list, names: list[str]) -> tuple[np.ndarray, list, list[str]]:
+def _dedup(objects: list, names: list[str], keys: Iterable | None = None) -> tuple[np.ndarray, list, list[str]]:
     """Unique ``objects`` by identity, in first-seen order, with the name of each one's first
-    occurrence, and the map from each occurrence to its unique index."""
-    if len(set(map(id, objects))) == len(objects):  # the common case: nothing shared
+    occurrence, and the map from each occurrence to its unique index. ``keys``: what to tell them
+    apart by, if not the objects themselves (modules hash by identity in C, tensors in Python)."""
+    try:
+        distinct = len(set(objects if keys is None else keys)) == len(objects)
+    except TypeError:  # a module class that made itself unhashable
+        distinct = False
+    if distinct:  # the common case: nothing shared
         return np.arange(len(objects), dtype=np.intp), objects, names
     first: dict[int, int] = {}  # id -> unique index
     uid, keep = [], []  # keep: the first occurrence of each
