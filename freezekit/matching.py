@@ -27,10 +27,12 @@ __all__ = ["NameList", "glob_spans_subtrees", "regex_spans_subtrees"]
 # (\s, \W, \D, \n, \x0a, \b, \A, \1... could match a newline or see past the name), no control
 # character (a range that spans the newline). Anything else is matched name by name.
 _NOT_PER_LINE = re.compile(r"\(\?(?!:)|\[\^|[$^]|\\[^dwS\W]|[\x00-\x1f]")
+_TRANSLATED = re.compile(r"\(\?s:(.*)\)\\[Zz]", re.DOTALL)  # fnmatch.translate's form: (?s:BODY)\Z
 
 
-def glob_to_regex(pattern: str) -> str:
-    """A regex that matches what ``fnmatch.fnmatchcase(name, pattern)`` matches, and never a newline."""
+def glob_to_regex(pattern: str) -> str | None:
+    """A regex that matches what ``fnmatch.fnmatchcase(name, pattern)`` matches, and never a newline
+    (None if ``fnmatch.translate`` wraps a bracket in a way not known here)."""
     out, i, n = [], 0, len(pattern)
     while i < n:
         c, i = pattern[i], i + 1
@@ -45,8 +47,10 @@ def glob_to_regex(pattern: str) -> str:
             if j < 0:  # unclosed: a literal "["
                 out.append(r"\[")
             else:  # fnmatch's own reading of the bracket, kept off the newline
-                bracket = fnmatch.translate(pattern[i - 1: j + 1])
-                out.append("(?!\n)" + bracket.removeprefix("(?s:").removesuffix(r")\Z"))
+                bracket = _TRANSLATED.fullmatch(fnmatch.translate(pattern[i - 1: j + 1]))
+                if bracket is None:
+                    return None
+                out.append("(?!\n)" + bracket[1])
                 i = j + 1
         else:
             out.append(re.escape(c))
@@ -108,12 +112,13 @@ class NameList:
         plain = not any(c in literal for c in "*?[")
         if plain and literal == pattern:
             return self._exact(pattern)
-        if self._lines is None or "\n" in pattern:
+        line = None if self._lines is None or "\n" in pattern else glob_to_regex(pattern)
+        if line is None:
             return self._each(re.compile(fnmatch.translate(pattern)))
         if plain:  # "x*", "*x" or "*x*": search the literal, with the newline on the fixed sides
             return self._lines_holding(("" if pattern[0] == "*" else "\n") + literal
                                        + ("" if pattern[-1] == "*" else "\n"))
-        return self._scan(glob_to_regex(pattern))
+        return self._scan(line)
 
     def regex(self, compiled: re.Pattern[str]) -> np.ndarray:
         """Boolean mask of the names that ``compiled.fullmatch``."""
