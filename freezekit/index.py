@@ -82,9 +82,9 @@ class ModelIndex:
         self._walk()
 
     def _walk(self) -> None:
-        # What planning needs of each module and parameter is read here, while it is at hand.
+        # What planning needs of each module is read here, while it is at hand.
         occ, mod_names, mod_end, class_numbers = [], [], [], []
-        par_occ, par_names, par_owner, par_rg = [], [], [], []
+        par_occ, par_names, par_owner = [], [], []
         kinds: dict[type, tuple[int, bool]] = {}  # each class seen: its number, and whether it is a norm layer
         # norm layers, those that keep running statistics, those chosen to adapt them; modules with an
         # instance-level train / forward, the only ones that may hold an eval lock or a boundary (rarely any)
@@ -126,7 +126,6 @@ class ModelIndex:
                         par_occ.append(p)
                         par_names.append(below + pname)
                         par_owner.append(i)
-                        par_rg.append(p.requires_grad)
                 if sub:  # descend; this iterator resumes when that subtree is done
                     stack.append((iter(sub.items()), below, i))
                     break
@@ -147,8 +146,6 @@ class ModelIndex:
         self.classes = list(kinds)  # each unique module's class is classes[class_of[u]]
         self.class_of = np.zeros(self.n_modules, dtype=np.intp)
         self.class_of[self.mod_uid] = class_numbers
-        self.requires_grad = np.zeros(self.n_params, dtype=bool)  # as read in the walk
-        self.requires_grad[self.par_uid] = par_rg
         self.norms, self.norm_stats = self._marked(with_norm), self._marked(with_stats)
         stats = self.norm_stats.nonzero()[0].tolist()
         swap_class, frozen_class = self.class_mask(may_swap), self.class_mask(is_frozen_bn)
@@ -182,6 +179,11 @@ class ModelIndex:
         """Module occurrence -> its first parameter occurrence, and the number of them at the end:
         the parameters of a subtree are ``mod_pstart[i]:mod_pstart[mod_end[i]]``."""
         return np.concatenate(([0], np.bincount(self.param_owner, minlength=self.n_mod_occ).cumsum()))
+
+    @cached_property
+    def requires_grad(self) -> np.ndarray:
+        """Each unique parameter's ``requires_grad``, as read at first use."""
+        return np.array([p.requires_grad for p in self.params], dtype=bool)
 
     @cached_property
     def training(self) -> np.ndarray:

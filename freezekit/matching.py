@@ -8,8 +8,8 @@ in C instead of being called once per name from Python: a pattern becomes a *lin
 starts at the newline before a name and must be followed by the newline after it. That is exact
 as long as the pattern cannot match a newline or look beyond its own name; a pattern that might
 (``[^x]``, ``\\s``, anchors, lookarounds, inline flags...) is matched name by name instead, and so
-is everything when a name itself holds a newline. A glob that is one literal with ``*`` on one or
-both sides is a plain substring search.
+is everything when a name itself holds a newline. A glob ``*x`` or ``*x*`` is a plain substring
+search.
 """
 
 from __future__ import annotations
@@ -115,9 +115,8 @@ class NameList:
         line = None if self._lines is None or "\n" in pattern else glob_to_regex(pattern)
         if line is None:
             return self._each(re.compile(fnmatch.translate(pattern)))
-        if plain:  # "x*", "*x" or "*x*": search the literal, with the newline on the fixed sides
-            return self._lines_holding(("" if pattern[0] == "*" else "\n") + literal
-                                       + ("" if pattern[-1] == "*" else "\n"))
+        if plain and pattern[0] == "*":  # "*x" or "*x*": search the literal, with the newline at its end for "*x"
+            return self._lines_holding(literal + ("" if pattern[-1] == "*" else "\n"))
         return self._scan(line)
 
     def regex(self, compiled: re.Pattern[str]) -> np.ndarray:
@@ -137,8 +136,18 @@ class NameList:
         return np.fromiter(map(bool, map(compiled.fullmatch, self.names)), dtype=bool, count=len(self.names))
 
     def _scan(self, pattern: str) -> np.ndarray:
-        """Names that the regex ``pattern``, which cannot match a newline, matches whole: one scan of the lines."""
-        return self._mask([m.start() for m in re.finditer(f"\n(?:{pattern})(?=\n)", self._lines[0])])
+        """Names that the regex ``pattern``, which cannot match a newline, matches whole: one scan of
+        the lines, each match taking a run of consecutive names (a subtree is one run, not one match
+        per name)."""
+        blob, starts = self._lines
+        line = f"\n(?:{pattern})(?=\n)"  # spelled out first, so that re can look for its literal start
+        spans = [m.span() for m in re.finditer(f"{line}(?:{line})*", blob)]
+        if not spans:
+            return np.zeros(len(self.names), dtype=bool)
+        first, stop = np.searchsorted(starts, np.array(spans).T)  # each run's first name, and the name after it
+        edges = np.zeros(len(self.names) + 1, dtype=np.int8)  # runs never touch: +1 where one opens, -1 after
+        edges[first], edges[stop] = 1, -1
+        return np.cumsum(edges[:-1]) > 0
 
     def _lines_holding(self, literal: str) -> np.ndarray:
         """Names whose line (with the newline before it, and the one after) holds ``literal``."""

@@ -88,8 +88,6 @@ class Plan:
         d = self.decisions = decide(rules, index)
         modules = index.modules
         # The model as it is now, read once: a plan keeps describing the model it was made on.
-        self.requires_grad_before = index.requires_grad
-        self.requires_grad_after = np.where(d.requires_grad >= 0, d.requires_grad == 1, self.requires_grad_before)
         self._cuts_before = {u: tuple(_boundary.boundaries(modules[u])) for u in index.maybe_cut}
         locked_before = {u for u in index.maybe_locked if _lock.is_locked(modules[u])}
         self.swaps = _flips(d.swapped, set(index.frozen_bn))
@@ -122,9 +120,10 @@ class Plan:
             slots = list(dict.fromkeys(index.slot(o) for o in index.occurrences(u)))
             steps.append(Swap(modules[u], new, slots))
         placed = [self.placed.get(u, m) for u, m in enumerate(modules)] if self.placed else modules
-        steps.append(Freeze([params[p] for p in (d.requires_grad == 0).nonzero()[0].tolist()]))
-        turn_on = ~self.requires_grad_before & self.requires_grad_after
-        steps.append(Unfreeze([params[p] for p in turn_on.nonzero()[0].tolist()]))
+        # each flag is read as it is set: what it was is requires_grad_before
+        self._freeze = Freeze([params[p] for p in (d.requires_grad == 0).nonzero()[0].tolist()])
+        self._unfreeze = Unfreeze([params[p] for p in (d.requires_grad == 1).nonzero()[0].tolist()])
+        steps += [self._freeze, self._unfreeze]
         steps.append(Lock([placed[u] for u, lock in self.locks.items() if lock]))
         steps.append(Release([placed[u] for u, lock in self.locks.items() if not lock]))
         # the marks of norm layers whose statistics were chosen to adapt (audit reads them)
@@ -142,6 +141,21 @@ class Plan:
         return steps
 
     # -- views
+
+    @cached_property
+    def requires_grad_before(self) -> np.ndarray:
+        """Per unique parameter, its flag before the plan: as the apply found it, if it ran; else as it is."""
+        before = self.index.requires_grad.copy()
+        for step, value in ((self._freeze, 0), (self._unfreeze, 1)):
+            if step.was is not None:
+                before[self.decisions.requires_grad == value] = step.was
+        return before
+
+    @cached_property
+    def requires_grad_after(self) -> np.ndarray:
+        """Per unique parameter, its flag after the plan."""
+        d = self.decisions.requires_grad
+        return np.where(d >= 0, d == 1, self.requires_grad_before)
 
     @cached_property
     def parameters(self) -> dict[str, ParamPlan]:

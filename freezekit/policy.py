@@ -154,6 +154,7 @@ class Policy:
             NoMatchError: a strict selector matched nothing (all such problems, one per line).
         """
         plan = Plan(self.rules, ModelIndex(model))
+        plan.requires_grad_before  # noqa: B018 -- read now: a plan describes the model as it was when made
         for line in plan.warnings:
             warnings.warn(line, DeadRuleWarning, stacklevel=2)
         return plan

@@ -73,37 +73,40 @@ def _sync_into(frozen_module: FrozenBatchNorm, original: nn.Module) -> None:
 @dataclass
 class Freeze(Step):
     """Freeze ``params``: ``requires_grad`` off, and no ``.grad`` left (nothing frozen keeps a stale
-    gradient). Undo turns the flag back on where this turned it off; a dropped gradient stays dropped."""
+    gradient). ``was`` holds each flag as apply found it; undo puts it back (a dropped gradient stays dropped)."""
 
     params: list[nn.Parameter]
-    _turned_off: list[nn.Parameter] = field(default_factory=list, repr=False)
+    was: list[bool] | None = field(default=None, repr=False)
 
     def apply(self) -> None:
+        self.was = []
         for p in self.params:  # one pass: each tensor is read and changed while it is at hand
-            if p.requires_grad:
-                p.requires_grad = False
-                self._turned_off.append(p)
+            self.was.append(p.requires_grad)
+            p.requires_grad = False
             if p.grad is not None:
                 p.grad = None
 
     def undo(self) -> None:
-        while self._turned_off:
-            self._turned_off.pop().requires_grad = True
+        for p, was in zip(self.params, self.was or ()):
+            p.requires_grad = was
 
 
 @dataclass
 class Unfreeze(Step):
-    """Turn ``requires_grad`` on for ``params``, each of which has it off now."""
+    """Turn ``requires_grad`` on for ``params``. ``was`` holds each flag as apply found it; undo puts it back."""
 
     params: list[nn.Parameter]
+    was: list[bool] | None = field(default=None, repr=False)
 
     def apply(self) -> None:
+        self.was = []
         for p in self.params:
+            self.was.append(p.requires_grad)
             p.requires_grad = True
 
     def undo(self) -> None:
-        for p in self.params:
-            p.requires_grad = False
+        for p, was in zip(self.params, self.was or ()):
+            p.requires_grad = was
 
 
 @dataclass
