@@ -1,15 +1,12 @@
-"""Matching patterns against all of a model's names at once.
+"""Matching patterns against all of a model's names at once: :class:`NameList` answers "which of
+these names fully match this glob / regex" with a boolean mask. Globs mean exactly
+``fnmatch.fnmatchcase`` (``*`` crosses dots), regexes ``re.fullmatch``.
 
-:class:`NameList` answers "which of these names fully match this glob / regex" with a boolean
-mask. Globs mean exactly ``fnmatch.fnmatchcase`` (``*`` crosses dots), regexes ``re.fullmatch``.
-
-The names are joined into one string, a name per line, so that one compiled regex scans them all
-in C instead of being called once per name from Python: a pattern becomes a *line regex* that
-starts at the newline before a name and must be followed by the newline after it. That is exact
-as long as the pattern cannot match a newline or look beyond its own name; a pattern that might
-(``[^x]``, ``\\s``, anchors, lookarounds, inline flags...) is matched name by name instead, and so
-is everything when a name itself holds a newline. A glob ``*x`` or ``*x*`` is a plain substring
-search.
+The names are joined into one string, a name per line, and one compiled *line regex* scans them
+all in C: it starts at the newline before a name and must be followed by the newline after it.
+That is exact while the pattern cannot match a newline or look beyond its own name; a pattern that
+might (``[^x]``, ``\\s``, anchors, lookarounds, inline flags...) is matched name by name, and so is
+everything when a name holds a newline. ``*x`` and ``*x*`` globs are a plain substring search.
 """
 
 from __future__ import annotations
@@ -151,12 +148,8 @@ class NameList:
 
     def _lines_holding(self, literal: str) -> np.ndarray:
         """Names whose line (with the newline before it, and the one after) holds ``literal``."""
-        return self._mask([m.start() for m in re.finditer(re.escape(literal), self._lines[0])])
-
-    def _mask(self, offsets: list[int]) -> np.ndarray:
-        """Mask of the names whose line holds any of the blob ``offsets`` (a line starts at the
-        newline before its name)."""
+        blob, starts = self._lines
+        offsets = [m.start() for m in re.finditer(re.escape(literal), blob)]
         mask = np.zeros(len(self.names), dtype=bool)
-        if offsets:
-            mask[np.searchsorted(self._lines[1], offsets, side="right") - 1] = True
+        mask[np.searchsorted(starts, offsets, side="right") - 1] = True  # a line starts at the newline before it
         return mask
