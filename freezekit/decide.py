@@ -93,8 +93,8 @@ def _outcome(rules: tuple[Rule, ...], index: ModelIndex, par_fu: np.ndarray, mod
         return is_kind[by]
 
     requires_grad = of(par_fu, ("unfreeze",))
-    trainable_norms = (of(par_fu, ("freeze:trainable",)) == 1) & _norm_params(index)
-    requires_grad[trainable_norms] = 1  # freeze(norm="trainable"): norm parameters stay trainable
+    if "freeze:trainable" in kind:  # norm parameters stay trainable
+        requires_grad[(of(par_fu, ("freeze:trainable",)) == 1) & _norm_params(index)] = 1
     locked, locked_by = of(mod_ue, ("eval_mode",)), mod_ue.copy()
     swapped, swapped_by = _undecided(index.n_modules, np.int8), _undecided(index.n_modules)
     adapt = _undecided(index.n_modules, np.int8)

@@ -21,7 +21,7 @@ from .errors import some
 from .index import ModelIndex
 from .norm import STATS_ADAPT, FrozenBatchNorm, frozen
 from .rules import Rule
-from .steps import UNSET, AddBoundary, Freeze, Lock, Release, SetAttribute, Step, Swap, Unfreeze
+from .steps import UNSET, AddBoundary, Lock, Release, SetAttribute, SetRequiresGrad, Step, Swap
 
 __all__ = ["Change", "ModulePlan", "ParamPlan", "Plan"]
 
@@ -121,9 +121,9 @@ class Plan:
             steps.append(Swap(modules[u], new, slots))
         placed = [self.placed.get(u, m) for u, m in enumerate(modules)] if self.placed else modules
         # each flag is read as it is set: what it was is requires_grad_before
-        self._freeze = Freeze([params[p] for p in (d.requires_grad == 0).nonzero()[0].tolist()])
-        self._unfreeze = Unfreeze([params[p] for p in (d.requires_grad == 1).nonzero()[0].tolist()])
-        steps += [self._freeze, self._unfreeze]
+        self._flags = [SetRequiresGrad([params[p] for p in (d.requires_grad == value).nonzero()[0].tolist()],
+                                       bool(value)) for value in (0, 1)]
+        steps += self._flags
         steps.append(Lock([placed[u] for u, lock in self.locks.items() if lock]))
         steps.append(Release([placed[u] for u, lock in self.locks.items() if not lock]))
         # the marks of norm layers whose statistics were chosen to adapt (audit reads them)
@@ -146,9 +146,9 @@ class Plan:
     def requires_grad_before(self) -> np.ndarray:
         """Per unique parameter, its flag before the plan: as the apply found it, if it ran; else as it is."""
         before = self.index.requires_grad.copy()
-        for step, value in ((self._freeze, 0), (self._unfreeze, 1)):
+        for step in self._flags:
             if step.was is not None:
-                before[self.decisions.requires_grad == value] = step.was
+                before[self.decisions.requires_grad == step.value] = step.was
         return before
 
     @cached_property

@@ -16,7 +16,7 @@ from . import boundary as _boundary
 from . import lock as _lock
 from .norm import FrozenBatchNorm, original_of
 
-__all__ = ["AddBoundary", "Freeze", "Lock", "Release", "SetAttribute", "Step", "Swap", "Unfreeze"]
+__all__ = ["AddBoundary", "Lock", "Release", "SetAttribute", "SetRequiresGrad", "Step", "Swap"]
 
 UNSET: Any = object()  # SetAttribute: the attribute is absent
 
@@ -71,38 +71,22 @@ def _sync_into(frozen_module: FrozenBatchNorm, original: nn.Module) -> None:
 
 
 @dataclass
-class Freeze(Step):
-    """Freeze ``params``: ``requires_grad`` off, and no ``.grad`` left (nothing frozen keeps a stale
-    gradient). ``was`` holds each flag as apply found it; undo puts it back (a dropped gradient stays dropped)."""
+class SetRequiresGrad(Step):
+    """Set ``requires_grad`` of ``params`` to ``value``; freezing also drops their ``.grad`` (nothing
+    frozen keeps a stale gradient). ``was`` holds each flag as apply found it; undo puts it back (a
+    dropped gradient stays dropped)."""
 
     params: list[nn.Parameter]
+    value: bool
     was: list[bool] | None = field(default=None, repr=False)
 
     def apply(self) -> None:
         self.was = []
         for p in self.params:  # one pass: each tensor is read and changed while it is at hand
             self.was.append(p.requires_grad)
-            p.requires_grad = False
-            if p.grad is not None:
+            p.requires_grad = self.value
+            if not self.value and p.grad is not None:
                 p.grad = None
-
-    def undo(self) -> None:
-        for p, was in zip(self.params, self.was or ()):
-            p.requires_grad = was
-
-
-@dataclass
-class Unfreeze(Step):
-    """Turn ``requires_grad`` on for ``params``. ``was`` holds each flag as apply found it; undo puts it back."""
-
-    params: list[nn.Parameter]
-    was: list[bool] | None = field(default=None, repr=False)
-
-    def apply(self) -> None:
-        self.was = []
-        for p in self.params:
-            self.was.append(p.requires_grad)
-            p.requires_grad = True
 
     def undo(self) -> None:
         for p, was in zip(self.params, self.was or ()):
