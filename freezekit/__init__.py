@@ -37,6 +37,7 @@ from .select import Selection, Selector, glob, names, regex
 from .select_structure import first, last, norms, types, where
 from .summary_table import Summary, summary
 from .targets import frozen_copy, hard_update, polyak_update
+from .tracking import track_optimizer
 from .values import detached, stop_gradient, to_cpu, to_numpy, to_python
 from .verify import assert_frozen
 
@@ -99,6 +100,7 @@ __all__ = [
     "to_cpu",
     "to_numpy",
     "to_python",
+    "track_optimizer",
     "types",
     "unfreeze",
     "unwrap",

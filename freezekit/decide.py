@@ -109,7 +109,9 @@ def _outcome(rules: tuple[Rule, ...], index: ModelIndex, par_fu: np.ndarray, mod
     swapped[swap] = of(by, ("freeze:frozen_bn",))
     release = swap[(swapped[swap] == 1) & (locked_by[swap] == by)]
     locked[release] = 0  # a frozen BatchNorm needs no lock
-    dead = _dead(rules, selected, index, (par_fu, locked_by[locked == 1], swapped_by))
+    held = np.zeros(index.n_modules, dtype=bool)
+    held[index.eval_locked()] = True  # releasing a lock matters where there is one
+    dead = _dead(rules, selected, index, (par_fu, locked_by[(locked == 1) | ((locked == 0) & held)], swapped_by))
     return Decisions(requires_grad, par_fu, locked, locked_by, swapped, swapped_by, boundaries, adapt, dead)
 
 
@@ -117,8 +119,8 @@ def _dead(rules: tuple[Rule, ...], selected: list[tuple[np.ndarray, np.ndarray]]
           deciders: tuple[np.ndarray, ...]) -> list[int]:
     """The rules that decide nothing though they selected something they could decide: a freeze
     its parameters or norm layers, an unfreeze its parameters or modules, an eval_mode its modules.
-    Releasing a lock only matters where one was: a rule whose only surviving decisions are
-    releases (an unfreeze overridden by a later freeze) is as good as dead."""
+    Releasing a lock only matters where one is: a rule whose only surviving decisions are releases
+    of locks that are not there (an unfreeze overridden by a later freeze) is as good as dead."""
     deciding = np.zeros(len(rules) + 1, dtype=bool)  # the last: "no rule" (-1)
     for by in deciders:
         deciding[by] = True

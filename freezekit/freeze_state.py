@@ -141,11 +141,14 @@ def state_dict(model: nn.Module) -> dict[str, Any]:
 def load_state(model: nn.Module, saved: dict[str, Any] | State) -> Applied:
     """Re-create a saved freeze map on ``model`` (modifies it in place); returns the undo handle.
 
-    ``model`` is freshly built (no freezekit state yet) or already in exactly the saved state.
+    ``model`` is freshly built, or already carries a freeze map: the saved one, or an earlier point
+    of the same schedule (a starting policy applied in the model's ``__init__``, say). Locks and
+    frozen BatchNorms the saved map lacks are released and put back; gradient boundaries, which
+    only accumulate, must be among the saved ones.
 
     Raises:
         StateError: the state is malformed, names parameters or modules the model lacks (or lacks
-            parameters the model has), or the model already carries a different freezekit state.
+            parameters the model has), or the model has a boundary the state does not.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_state(): model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -154,10 +157,17 @@ def load_state(model: nn.Module, saved: dict[str, Any] | State) -> Applied:
     if current == target:
         return Policy().apply(model)
     _check_fits(current, target, ModelIndex(model))
-    if current.eval_locked or current.frozen_bn or current.boundaries:
-        raise StateError("load_state: the model already has eval locks, frozen BatchNorms or boundaries; "
-                         "load into a freshly built model (or undo what was applied first)")
+    extra = [b for b in current.boundaries if b not in target.boundaries]
+    if extra:
+        raise StateError(f"load_state: the model has {len(extra)} gradient boundaries the state lacks (at the "
+                         f"{extra[0].at} of {extra[0].module or '(root)'!r}, ...); boundaries cannot be taken "
+                         "away: load into a freshly built model, or undo the apply that added them")
     rules: list[Rule] = []
+    # first what the saved map no longer has (an unfreeze releases a lock and puts a BatchNorm back;
+    # the rules below decide every parameter again)
+    gone = sorted({*current.eval_locked} - {*target.eval_locked} | {*current.frozen_bn} - {*target.frozen_bn})
+    if gone:
+        rules.append(unfreeze(Exactly(gone)))
     if target.frozen_bn:
         rules.append(freeze(Exactly(target.frozen_bn), norm="frozen_bn"))
     frozen = [n for n, s in target.parameters.items() if s == "frozen"]
@@ -168,8 +178,8 @@ def load_state(model: nn.Module, saved: dict[str, Any] | State) -> Applied:
         rules.append(unfreeze(names(*moving)))
     if target.eval_locked:
         rules.append(eval_mode(Exactly(target.eval_locked)))
-    rules += [detach(names(b.module), at=b.at, no_grad=b.no_grad) for b in target.boundaries]  # names(): the
-    # module and all below, so the boundary goes on it (the outermost whole module selected)
+    rules += [detach(names(b.module), at=b.at, no_grad=b.no_grad)  # names(): the module and all below, so
+              for b in target.boundaries if b not in current.boundaries]  # the boundary goes on it
     return Policy(*rules).apply(model)
 
 

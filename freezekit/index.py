@@ -284,6 +284,14 @@ class ModelIndex:
         roots[self.mod_uid[complete & ~parent_complete]] = True
         return roots
 
+    def ancestors(self, uid: int) -> list[nn.Module]:
+        """The modules above unique module ``uid`` (at its first name), nearest first."""
+        out, o = [], int(self.mod_parent[int((self.mod_uid == uid).argmax())])
+        while o >= 0:
+            out.append(self.modules[self.mod_uid[o]])
+            o = int(self.mod_parent[o])
+        return out
+
     def occurrences(self, uid: int) -> list[int]:
         """Occurrence indices of unique module ``uid``."""
         return (self.mod_uid == uid).nonzero()[0].tolist()

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
-__all__ = ["EvalLock", "asked", "is_locked", "lock", "lock_all", "unlock"]
+__all__ = ["EvalLock", "asked", "is_locked", "lock", "lock_all", "mode_above", "unlock"]
 
 
 class EvalLock:
@@ -69,12 +69,27 @@ def lock_all(modules: Iterable[nn.Module]) -> None:
         state["training"] = False
 
 
-def unlock(module: nn.Module) -> EvalLock:
-    """Remove ``module``'s lock; it takes the mode last asked of it. Returns the removed lock."""
+def unlock(module: nn.Module, mode: bool | None = None) -> EvalLock:
+    """Remove ``module``'s lock; it takes ``mode``, by default the mode last asked of it. Returns
+    the removed lock."""
     current = module.__dict__["train"]
     if current.previous is not None:
         module.__dict__["train"] = current.previous
     else:
         del module.__dict__["train"]
-    module.__dict__["training"] = current.asked
+    module.__dict__["training"] = current.asked if mode is None else mode
     return current
+
+
+def mode_above(ancestors: Iterable[nn.Module]) -> bool | None:
+    """The mode the model is in at a place: the ``training`` flag of the nearest of ``ancestors``
+    (nearest first) that is not eval-locked; None if there is none.
+
+    This, not what a lock remembers, is what a released module must take: loops such as
+    Lightning's put modes back by writing ``module.training`` directly after ``model.eval()``, so
+    the mode a lock last saw asked can be stale.
+    """
+    for module in ancestors:
+        if not is_locked(module):
+            return module.training
+    return None

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .index import ModelIndex, unwrap
 from .select import Resolver, Selector, as_selector
+from .tracking import track_optimizer
 
 __all__ = ["SyncReport", "layer_ids", "param_groups", "sync_optimizer"]
 
@@ -206,6 +207,7 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, lr_mult: 
     _check_number("sync_optimizer(): lr_mult", lr_mult, positive=True)
     if not isinstance(drop_state, bool):
         raise TypeError(f"sync_optimizer(): drop_state: expected True or False, got {drop_state!r}")
+    track_optimizer(optimizer, model)
     index = ModelIndex(model)
     report = SyncReport()
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}

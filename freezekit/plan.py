@@ -118,14 +118,15 @@ class Plan:
         steps: list[Step] = []
         for u, new in self.placed.items():  # every place that holds it, each once
             slots = list(dict.fromkeys(index.slot(o) for o in index.occurrences(u)))
-            steps.append(Swap(modules[u], new, slots))
+            steps.append(Swap(modules[u], new, slots, index.ancestors(u)))
         placed = [self.placed.get(u, m) for u, m in enumerate(modules)] if self.placed else modules
         # each flag is read as it is set: what it was is requires_grad_before
         self._flags = [SetRequiresGrad([params[p] for p in (d.requires_grad == value).nonzero()[0].tolist()],
                                        bool(value)) for value in (0, 1)]
         steps += self._flags
         steps.append(Lock([placed[u] for u, lock in self.locks.items() if lock]))
-        steps.append(Release([placed[u] for u, lock in self.locks.items() if not lock]))
+        released = [u for u, lock in self.locks.items() if not lock]  # in model order: outer ones first
+        steps.append(Release([placed[u] for u in released], [index.ancestors(u) for u in released]))
         # the marks of norm layers whose statistics were chosen to adapt (audit reads them)
         for u in sorted({*index.adapting, *(d.stats_adapt == 1).nonzero()[0].tolist(), *self.placed}):
             want, has = d.stats_adapt[u] == 1, STATS_ADAPT in placed[u].__dict__

@@ -34,6 +34,7 @@ from .index import ModelIndex
 from .plan import Change, Plan
 from .rules import Rule
 from .steps import Step
+from .tracking import warn_unheld
 
 __all__ = ["Applied", "Policy"]
 
@@ -60,6 +61,12 @@ class Applied:
     @property
     def changes(self) -> list[Change]:
         return self.plan.changes
+
+    def made_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of each parameter this apply turned trainable, in model order."""
+        plan, index = self.plan, self.plan.index
+        for u in (plan.requires_grad_after & ~plan.requires_grad_before).nonzero()[0].tolist():
+            yield index.param_names[u], index.params[u]
 
     def _run(self) -> None:
         for step in self.plan.steps:
@@ -159,11 +166,14 @@ class Policy:
             warnings.warn(line, DeadRuleWarning, stacklevel=2)
         return plan
 
-    def apply(self, model: nn.Module) -> Applied:
+    def apply(self, model: nn.Module, check_optimizers: bool = True) -> Applied:
         """Apply this policy to ``model`` (modifies it in place) and return the handle that undoes it.
 
         Works on the model inside DDP / ``torch.compile`` / FSDP wrappers, by the inner names.
         Nothing changes if planning fails; if applying fails midway, what was done is undone.
+        Warns if it makes parameters trainable that an optimizer freezekit knows trains ``model``
+        does not hold (see :func:`~freezekit.track_optimizer`); ``check_optimizers=False``: not
+        now, for code that syncs the optimizer right after.
         """
         plan = Plan(self.rules, ModelIndex(model))
         handle = Applied(model, plan)
@@ -175,6 +185,8 @@ class Policy:
         for line in plan.warnings:
             warnings.warn(line, DeadRuleWarning, stacklevel=2)
         _live.setdefault(plan.index.root, []).append(weakref.ref(handle))
+        if check_optimizers:
+            warn_unheld(model, handle.made_trainable(), f"applying {self!r}")
         return handle
 
     def applied(self, model: nn.Module) -> Applied:

@@ -37,6 +37,7 @@ from .policy import Policy
 from .rules import unfreeze
 from .select import Selector
 from .select_config import from_config as selector_from_config
+from .tracking import warn_unheld
 
 __all__ = ["Event", "Phase", "Schedule", "gradual_unfreeze"]
 
@@ -152,9 +153,10 @@ class Schedule:
     def _apply(self, i: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any,
                groups: dict[str, Any], replayed: bool = False) -> Event:
         phase = self.phases[i]
-        applied = phase.policy.apply(model)  # for good: the handle is not kept
+        applied = phase.policy.apply(model, check_optimizers=False)  # for good: the handle is not kept
         report = sync_optimizer(optimizer, model, lr_mult=phase.lr_mult, scheduler=scheduler, **groups) \
             if optimizer is not None else SyncReport()
+        warn_unheld(model, applied.made_trainable(), f"schedule phase {i} ({phase.unit} {phase.at})", stacklevel=4)
         return Event(i, phase.at, phase.unit, len(applied.changes), report, replayed)
 
     def state_dict(self) -> dict[str, Any]:

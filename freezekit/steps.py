@@ -39,11 +39,13 @@ class Swap(Step):
     old: nn.Module
     new: nn.Module
     slots: list[tuple[nn.Module, str]]
+    above: list[nn.Module] = field(default_factory=list)  # the modules above the place, nearest first
     _carried: list[_boundary.Boundary] = field(default_factory=list, repr=False)
 
     def apply(self) -> None:  # undone whole, also where it failed midway
-        if isinstance(self.old, FrozenBatchNorm):
-            original_of(self.old)  # hand back the tensors it holds now (model.to(...) since), and the mode
+        if isinstance(self.old, FrozenBatchNorm):  # hand back the tensors it holds now (model.to(...) since)
+            mode = _lock.mode_above(self.above)  # and the mode the model is in here
+            original_of(self.old).train(_lock.asked(self.old) if mode is None else mode)
         for holder, key in self.slots:
             holder._modules[key] = self.new
         have = {(b.at, b.no_grad) for b in _boundary.boundaries(self.new)}
@@ -110,14 +112,17 @@ class Lock(Step):
 
 @dataclass
 class Release(Step):
-    """Release the eval locks of ``modules``; each takes the mode last asked of it."""
+    """Release the eval locks of ``modules`` (outer ones first); each takes the mode the model is in
+    at its place (:func:`~freezekit.lock.mode_above` of its ``above``: the modules above it,
+    nearest first), or, with no unlocked module above it, the mode last asked of it."""
 
     modules: list[nn.Module]
+    above: list[list[nn.Module]]
     _removed: list[_lock.EvalLock] = field(default_factory=list, repr=False)
 
     def apply(self) -> None:
-        for module in self.modules:
-            self._removed.append(_lock.unlock(module))
+        for module, above in zip(self.modules, self.above):
+            self._removed.append(_lock.unlock(module, _lock.mode_above(above)))
 
     def undo(self) -> None:
         while self._removed:

@@ -248,6 +248,28 @@ def test_later_rules_release_locks_and_swaps(resnet18):
     assert type(model.layer4[0].bn1) is nn.BatchNorm2d and model.layer4[0].bn1.weight.requires_grad
 
 
+@pytest.mark.parametrize("norm", ["eval", "frozen_bn"])
+def test_released_modules_take_the_mode_the_model_is_in_not_a_stale_one(norm):
+    """Lightning's validation loop calls eval() and then writes each module's saved ``training``
+    back directly; a lock (or a frozen BatchNorm) saw only the eval(). What an unfreeze releases
+    must train like the model around it."""
+    model = tv_resnet("resnet18")
+    fk.Policy(fk.freeze("*", norm=norm), fk.unfreeze("fc")).apply(model)
+    model.train()
+    saved = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+    for name, m in model.named_modules():  # what Lightning's _ModuleMode.restore does
+        m.training = saved[name]
+    fk.Policy(fk.unfreeze("layer4")).apply(model)
+    bn = model.layer4[0].bn1
+    assert type(bn) is nn.BatchNorm2d
+    assert all(m.training for m in model.layer4.modules())
+    frozen = model.layer3[0].bn1
+    assert isinstance(frozen, fk.FrozenBatchNorm) if norm == "frozen_bn" else not frozen.training
+    model.eval()  # and a later eval() still reaches them
+    assert not bn.training
+
+
 # ---------------------------------------------------------------------------------- frozen BatchNorm
 
 

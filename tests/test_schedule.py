@@ -174,3 +174,42 @@ def test_loading_a_state_of_another_schedule_is_refused():
         schedule.load_state_dict({"version": 1, "completed": 3, "phases": 3})
     with pytest.raises(TypeError, match="pass epoch"):
         schedule.update(timm_model("test_resnet"), None)
+
+
+# ------------------------------------------------------------------- optimizers freezekit knows about
+
+
+def test_unfreezing_past_a_known_optimizer_warns_and_syncing_does_not():
+    model, schedule, optimizer, _ = make_run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unknown optimizer: nothing to say
+        fk.Policy(fk.unfreeze("layer4.0.conv1")).apply(model)
+    fk.track_optimizer(optimizer, model)
+    with pytest.warns(fk.FreezekitWarning, match=r"made \d+ parameters trainable that the AdamW does not hold "
+                                                  r"\(layer4\.0\.bn1"):
+        fk.Policy(fk.unfreeze("layer4")).apply(model)
+    fk.sync_optimizer(optimizer, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # held now; and a schedule given the optimizer syncs before it checks
+        fk.Policy(fk.unfreeze("layer4")).apply(model)
+        schedule.update(model, optimizer, epoch=4)
+    with pytest.warns(fk.FreezekitWarning, match=r"schedule phase 0 \(epoch 0\)"):  # a schedule not given it
+        fk.Schedule(fk.Phase(0, fk.Policy(fk.unfreeze("*")))).update(model, None, epoch=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fk.Policy(fk.unfreeze("*")).apply(model, check_optimizers=False)
+
+
+def test_a_resume_in_the_wrong_order_names_the_fix():
+    first, s1, o1, c1 = make_run()
+    run_epochs(first, s1, o1, c1, range(0, 3))
+    saved = copy.deepcopy({"optimizer": o1.state_dict(), "schedule": s1.state_dict()})
+    fresh, schedule, optimizer, _ = make_run(timm_model("test_resnet"))
+    fk.track_optimizer(optimizer, fresh)
+    schedule.load_state_dict(saved["schedule"])
+    with pytest.raises(fk.StateError, match=r"AdamW.load_state_dict: the saved optimizer has 4 parameter groups .*"
+                                            r"schedule.replay\(model, optimizer\)"):
+        optimizer.load_state_dict(saved["optimizer"])
+    schedule.replay(fresh, optimizer)
+    optimizer.load_state_dict(saved["optimizer"])  # the right order
+    assert [g["name"] for g in optimizer.param_groups] == [g["name"] for g in o1.param_groups]
