@@ -12,6 +12,7 @@ Example:
     >>> applied.undo()
 """
 
+from .ddp import out_of_sync, rebuild_ddp
 from .errors import (
     ConfigError,
     DeadRuleWarning,
@@ -89,8 +90,10 @@ __all__ = [
     "load_state",
     "names",
     "norms",
+    "out_of_sync",
     "param_groups",
     "polyak_update",
+    "rebuild_ddp",
     "regex",
     "state",
     "state_dict",

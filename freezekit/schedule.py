@@ -107,6 +107,11 @@ class Schedule:
     def __repr__(self) -> str:
         return f"Schedule({', '.join(f'{p.unit} {p.at}' for p in self.phases)}; {self.completed} done)"
 
+    @property
+    def replay_pending(self) -> int:
+        """Phases a loaded state says were done that the next :meth:`update` or :meth:`replay` re-applies."""
+        return self._replay
+
     def due(self, epoch: int | None = None, step: int | None = None) -> list[int]:
         """Indices of the phases not yet applied whose trigger has come, in order."""
         out = []

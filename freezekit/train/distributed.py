@@ -18,8 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..index import ModelIndex
-from ..verify import checksum
+from ..ddp import out_of_sync, rebuild_ddp
 
 __all__ = ["World", "check_in_sync", "full_state", "load_full_state", "reduce_sums", "shard", "world", "wrap_ddp"]
 
@@ -65,11 +64,12 @@ def reduce_sums(w: World, values: list[float]) -> list[float]:
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, previous: nn.Module | None = None) -> nn.Module:
-    """A DDP wrapper built for the parameters that train now (the previous one is taken apart)."""
+    """A DDP wrapper built for the parameters that train now (``previous``, a wrapper of the same
+    model, is rebuilt with its settings)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if previous is not None and hasattr(previous, "reducer"):
-        previous.reducer._remove_autograd_hooks()
+    if isinstance(previous, DDP):
+        return rebuild_ddp(previous)
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -100,30 +100,8 @@ def shard(model: nn.Module) -> None:
 
 def check_in_sync(w: World, model: nn.Module) -> str | None:
     """None if every rank holds the same trainable parameters (and flags), else the first
-    differing parameter's name."""
-    if not w.distributed:
-        return None
-    index = ModelIndex(model)
-    flags = index.requires_grad.astype("int64")
-    sums = []
-    for p, rg in zip(index.params, index.requires_grad.tolist()):
-        if not rg:
-            sums.append(0)
-            continue
-        tensor = p.detach()
-        if hasattr(tensor, "full_tensor"):  # FSDP2: the whole parameter, gathered
-            tensor = tensor.full_tensor()
-        sums.append(checksum(tensor))
-    mine = torch.tensor([*flags.tolist(), *sums], dtype=torch.int64)
-    gathered = [torch.zeros_like(mine) for _ in range(w.size)]
-    dist.all_gather(gathered, mine)
-    n = index.n_params
-    for other in gathered:
-        differs = (other != gathered[0]).nonzero()
-        if len(differs):
-            i = int(differs[0])
-            return index.param_names[i % n] + (" (requires_grad)" if i < n else "")
-    return None
+    differing parameter's name (see :func:`freezekit.out_of_sync`)."""
+    return out_of_sync(model) if w.distributed else None
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:

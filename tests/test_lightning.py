@@ -1,0 +1,99 @@
+"""freezekit in PyTorch Lightning, with the real Lightning: a run with a mid-run unfreeze equals the
+same schedule in a plain loop bit for bit, a resume from Lightning's checkpoint equals the
+uninterrupted run, and under DDP (2 CPU processes) the ranks stay identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+import lightning_app as app
+
+import freezekit as fk
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_a_lightning_run_equals_the_plain_loop_bit_for_bit():
+    module, callback = app.Classifier(), app.callback()
+    app.trainer(4, callbacks=[callback]).fit(module)
+    plain = app.plain_loop(4)
+    assert [(e.phase, e.at) for e in callback.driver.events] == [(0, 2)]
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == \
+        {n for n, p in plain.named_parameters() if p.requires_grad}
+    assert module.net.layer4[0].bn1.training and not module.net.layer3[0].bn1.training
+    same_weights(module, plain)  # layer4's BatchNorms trained in train mode after Lightning's validation
+
+
+def test_resuming_from_a_lightning_checkpoint_ends_bit_identical(tmp_path):
+    straight, callback = app.Classifier(), app.callback()
+    app.trainer(5, callbacks=[callback]).fit(straight)
+
+    first = app.trainer(3, callbacks=[app.callback()])  # stops after the phase at epoch 2
+    first.fit(app.Classifier())
+    first.save_checkpoint(tmp_path / "last.ckpt")
+
+    resumed, again = app.Classifier(), app.callback()  # a fresh process would build the same
+    app.trainer(5, callbacks=[again]).fit(resumed, ckpt_path=tmp_path / "last.ckpt")
+    assert [e.replayed for e in again.driver.events] == [True]
+    assert fk.state(resumed) == fk.state(straight)
+    same_weights(resumed, straight)
+
+
+def test_a_resume_without_the_callback_is_refused_by_name(tmp_path):
+    """Lightning's own error would be torch's bare "different number of parameter groups"."""
+    first = app.trainer(3, callbacks=[app.callback()])
+    first.fit(app.Classifier())
+    first.save_checkpoint(tmp_path / "last.ckpt")
+
+    class Tracked(app.Classifier):  # the user's module knows its optimizer, but nobody replays
+        def configure_optimizers(self):
+            config = super().configure_optimizers()
+            fk.track_optimizer(config["optimizer"], self)
+            return config
+
+    module = Tracked()
+    app.start_policy().apply(module)
+    with pytest.raises(fk.StateError, match=r"schedule.replay\(model, optimizer\)"):
+        app.trainer(5).fit(module, ckpt_path=tmp_path / "last.ckpt")
+
+
+def torchrun(out: Path, *args: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(Path(app.__file__)), str(out), *args]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def ranks(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_lightning_ddp_keeps_both_ranks_identical_after_the_unfreeze_and_after_a_resume(tmp_path):
+    torchrun(tmp_path / "straight", "--epochs", "4")
+    first, second = ranks(tmp_path / "straight")
+    assert any(n.startswith("layer4") or ".layer4." in n for n in first["trainable"])
+    assert first["sums"] == second["sums"]
+    assert [c["after"] for c in first["sync_checks"]] == ["the phase at epoch 2, step 4", "training"]
+    assert all(c["ranks_in_sync"] for c in first["sync_checks"])
+
+    ckpt = tmp_path / "after-phase.ckpt"
+    torchrun(tmp_path / "first", "--epochs", "3", "--save", str(ckpt))
+    torchrun(tmp_path / "resumed", "--epochs", "4", "--resume", str(ckpt))
+    first, second = ranks(tmp_path / "resumed")
+    assert first["sums"] == second["sums"]
+    assert [c["after"] for c in first["sync_checks"]] == ["replaying the schedule", "training"]
+    assert first["sums"] == ranks(tmp_path / "straight")[0]["sums"]  # and the same as the uninterrupted run
