@@ -38,10 +38,12 @@ def rebuild_ddp(wrapper: DistributedDataParallel) -> DistributedDataParallel:
     on the new wrapper."""
     if not isinstance(wrapper, DistributedDataParallel):
         raise TypeError(f"rebuild_ddp(): wrapper: expected a DistributedDataParallel, got {type(wrapper).__name__}")
+    # torch 2.14 renamed broadcast_buffers to forward_sync_buffers
+    buffers = "forward_sync_buffers" if hasattr(wrapper, "forward_sync_buffers") else "broadcast_buffers"
     settings = {
         "device_ids": wrapper.device_ids, "output_device": wrapper.output_device, "dim": wrapper.dim,
-        "process_group": wrapper.process_group, "broadcast_buffers": wrapper.broadcast_buffers,
-        "bucket_cap_mb": wrapper.bucket_bytes_cap / 2**20, "find_unused_parameters": wrapper.find_unused_parameters,
+        "process_group": wrapper.process_group, "bucket_cap_mb": wrapper.bucket_bytes_cap / 2**20,
+        "find_unused_parameters": wrapper.find_unused_parameters, buffers: getattr(wrapper, buffers),
         "gradient_as_bucket_view": wrapper.gradient_as_bucket_view, "static_graph": wrapper.static_graph,
     }
     if getattr(wrapper, "mixed_precision", None) is not None:

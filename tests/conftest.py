@@ -4,6 +4,10 @@ and a few small hand-built modules with the shapes that break naive freezing cod
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +52,16 @@ def process_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+def two_ranks(script: Path, out: Path, *args: str) -> list[dict]:
+    """Run ``script OUT ARGS`` under torchrun, 2 CPU processes; each rank's ``OUT/rank{R}.json``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(script), str(out), *args]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 class RunsCode:

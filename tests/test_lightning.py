@@ -4,9 +4,6 @@ uninterrupted run, and under DDP (2 CPU processes) the ranks stay identical."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,8 +14,11 @@ pytest.importorskip("lightning")
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 import lightning_app as app
+from conftest import two_ranks
 
 import freezekit as fk
+
+SCRIPT = Path(app.__file__)
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -70,30 +70,16 @@ def test_a_resume_without_the_callback_is_refused_by_name(tmp_path):
         app.trainer(5).fit(module, ckpt_path=tmp_path / "last.ckpt")
 
 
-def torchrun(out: Path, *args: str) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(Path(app.__file__)), str(out), *args]
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-
-
-def ranks(out: Path) -> list[dict]:
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-
-
 def test_lightning_ddp_keeps_both_ranks_identical_after_the_unfreeze_and_after_a_resume(tmp_path):
-    torchrun(tmp_path / "straight", "--epochs", "4")
-    first, second = ranks(tmp_path / "straight")
+    first, second = straight = two_ranks(SCRIPT, tmp_path / "straight", "--epochs", "4")
     assert any(n.startswith("layer4") or ".layer4." in n for n in first["trainable"])
     assert first["sums"] == second["sums"]
     assert [c["after"] for c in first["sync_checks"]] == ["the phase at epoch 2, step 4", "training"]
     assert all(c["ranks_in_sync"] for c in first["sync_checks"])
 
     ckpt = tmp_path / "after-phase.ckpt"
-    torchrun(tmp_path / "first", "--epochs", "3", "--save", str(ckpt))
-    torchrun(tmp_path / "resumed", "--epochs", "4", "--resume", str(ckpt))
-    first, second = ranks(tmp_path / "resumed")
+    two_ranks(SCRIPT, tmp_path / "first", "--epochs", "3", "--save", str(ckpt))
+    first, second = two_ranks(SCRIPT, tmp_path / "resumed", "--epochs", "4", "--resume", str(ckpt))
     assert first["sums"] == second["sums"]
     assert [c["after"] for c in first["sync_checks"]] == ["replaying the schedule", "training"]
-    assert first["sums"] == ranks(tmp_path / "straight")[0]["sums"]  # and the same as the uninterrupted run
+    assert first["sums"] == straight[0]["sums"]  # and the same as the uninterrupted run

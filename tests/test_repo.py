@@ -112,3 +112,12 @@ def test_modules_import_each_other_top_down():
                     seen.add(nxt)
                     stack.append((nxt, [*path, nxt]))
     assert not cycles, cycles[:5]
+
+
+def test_importing_freezekit_imports_no_framework():
+    # the integrations are optional: only importing freezekit.integrations.<framework> imports it
+    code = ("import sys, freezekit, freezekit.integrations.loop; "
+            "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate', 'peft') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

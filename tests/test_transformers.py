@@ -6,9 +6,11 @@ optimizer sync the library warns."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import two_ranks
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -129,3 +131,14 @@ def test_a_hand_written_callback_that_forgets_the_optimizer_is_warned(tmp_path):
         warnings.simplefilter("always")
         run.train()
     assert any(issubclass(w.category, fk.FreezekitWarning) and "does not hold" in str(w.message) for w in caught)
+
+
+def test_trainer_ddp_rebuilds_the_wrapper_and_the_plain_trainer_refuses(tmp_path):
+    script = Path(__file__).parent / "dist" / "trainer_app.py"
+    first, second = two_ranks(script, tmp_path / "mixin")
+    assert "bert.encoder.layer.1.attention.self.query.weight" in first["trainable"]
+    assert first["sums"] == second["sums"]
+    assert [c["after"] for c in first["sync_checks"]] == ["the phase at epoch 2, step 8", "training"]
+    assert all(c["ranks_in_sync"] for c in first["sync_checks"])
+    with pytest.raises(AssertionError, match="plain Trainer's DDP wrapper cannot be rebuilt from a callback"):
+        two_ranks(script, tmp_path / "plain", "plain")
