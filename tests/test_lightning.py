@@ -83,3 +83,11 @@ def test_lightning_ddp_keeps_both_ranks_identical_after_the_unfreeze_and_after_a
     assert first["sums"] == second["sums"]
     assert [c["after"] for c in first["sync_checks"]] == ["replaying the schedule", "training"]
     assert first["sums"] == straight[0]["sums"]  # and the same as the uninterrupted run
+
+
+def test_a_phase_by_step_lands_where_the_same_phase_by_epoch_does():
+    by_epoch, by_step = app.Classifier(), app.Classifier()
+    app.trainer(3, callbacks=[app.callback()]).fit(by_epoch)
+    at_step = fk.Schedule(fk.Phase(2 * app.BATCHES, fk.Policy(fk.unfreeze("net.layer4")), unit="step", lr_mult=0.5))
+    app.trainer(3, callbacks=[app.FreezekitFinetuning(app.start_policy(), at_step)]).fit(by_step)
+    same_weights(by_step, by_epoch)

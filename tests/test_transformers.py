@@ -69,8 +69,8 @@ class LearningRates(TrainerCallback):
 def trainer(out, epochs: int, *callbacks, model=None, cls=FreezekitTrainer, **kwargs) -> Trainer:
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=epochs,
                              learning_rate=5e-3, lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.01,
-                             save_strategy="epoch", logging_strategy="no", report_to=[], use_cpu=True, seed=3,
-                             disable_tqdm=True, dataloader_num_workers=0, **kwargs)
+                             logging_strategy="no", report_to=[], use_cpu=True, seed=3, disable_tqdm=True,
+                             dataloader_num_workers=0, **{"save_strategy": "epoch", **kwargs})
     return cls(model=model or bert(), args=args, train_dataset=Pairs(), callbacks=list(callbacks))
 
 
@@ -142,3 +142,14 @@ def test_trainer_ddp_rebuilds_the_wrapper_and_the_plain_trainer_refuses(tmp_path
     assert all(c["ranks_in_sync"] for c in first["sync_checks"])
     with pytest.raises(AssertionError, match="plain Trainer's DDP wrapper cannot be rebuilt from a callback"):
         two_ranks(script, tmp_path / "plain", "plain")
+
+
+def test_a_phase_by_step_lands_where_the_same_phase_by_epoch_does(tmp_path):
+    by_epoch = trainer(tmp_path / "epoch", 3, callback(), save_strategy="no")
+    by_epoch.train()
+    at_step = fk.Schedule(fk.Phase(2 * STEPS_PER_EPOCH, fk.Policy(fk.unfreeze("bert.encoder.layer.1")), unit="step",
+                                   lr_mult=LR_MULT))
+    by_step = trainer(tmp_path / "step", 3, FreezekitCallback(callback().driver.policy, at_step), save_strategy="no")
+    by_step.train()
+    for (name, a), b in zip(by_epoch.model.state_dict().items(), by_step.model.state_dict().values()):
+        assert torch.equal(a, b), name
