@@ -23,6 +23,7 @@ from .errors import (
     NoMatchError,
     PatternError,
     StateError,
+    TiedWeightsWarning,
 )
 from .findings import Finding, Findings, audit
 from .freeze_state import State, load_state, state, state_dict
@@ -73,6 +74,7 @@ __all__ = [
     "StateError",
     "Summary",
     "SyncReport",
+    "TiedWeightsWarning",
     "__version__",
     "assert_frozen",
     "audit",

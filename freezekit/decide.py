@@ -38,6 +38,7 @@ class Decisions:
     boundaries: list[tuple[int, int]]  # (unique module, rule) in order
     stats_adapt: np.ndarray  # int8 per unique module: 1 where freeze(norm="train") chose moving statistics
     dead: list[int]  # rules that selected something, all of it decided by later rules
+    selected: list[tuple[np.ndarray, np.ndarray]]  # (unique modules, unique parameters) each rule selected
 
 
 def decide(rules: tuple[Rule, ...], index: ModelIndex) -> Decisions:
@@ -112,7 +113,7 @@ def _outcome(rules: tuple[Rule, ...], index: ModelIndex, par_fu: np.ndarray, mod
     held = np.zeros(index.n_modules, dtype=bool)
     held[index.eval_locked()] = True  # releasing a lock matters where there is one
     dead = _dead(rules, selected, index, (par_fu, locked_by[(locked == 1) | ((locked == 0) & held)], swapped_by))
-    return Decisions(requires_grad, par_fu, locked, locked_by, swapped, swapped_by, boundaries, adapt, dead)
+    return Decisions(requires_grad, par_fu, locked, locked_by, swapped, swapped_by, boundaries, adapt, dead, selected)
 
 
 def _dead(rules: tuple[Rule, ...], selected: list[tuple[np.ndarray, np.ndarray]], index: ModelIndex,

@@ -90,6 +90,11 @@ class DeadRuleWarning(FreezekitWarning):
     """A rule decides nothing because later rules override every one of its selections."""
 
 
+class TiedWeightsWarning(FreezekitWarning):
+    """A tensor reachable under several names (tied weights) is decided through some of its names,
+    and the others follow: what one name's rule decides, every name gets."""
+
+
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 
 

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -38,10 +39,12 @@ def grads(loss: torch.Tensor, model: nn.Module, select: Selector | str | None = 
             raise TypeError(f"grads(): {name}: expected True or False, got {flag!r}")
     index = ModelIndex(model)
     if select is None:
-        chosen = range(index.n_params)
+        chosen, modules = range(index.n_params), np.zeros(index.n_modules, dtype=bool)
     else:
-        chosen = Resolver(index).resolve(as_selector(select, "grads(): select"))[1].nonzero()[0].tolist()
-    names = [index.param_names[i] for i in chosen if index.params[i].requires_grad]
+        modules, params = Resolver(index).resolve(as_selector(select, "grads(): select"))
+        chosen = params.nonzero()[0].tolist()
+    # a tied tensor is keyed by the name the selection reached it by (lm_head.weight, not transformer.wte.weight)
+    names = [index.param_name_in(i, modules) for i in chosen if index.params[i].requires_grad]
     params = [index.params[i] for i in chosen if index.params[i].requires_grad]
     if not params:
         raise ValueError(f"grads(): select: {select!r} picks no trainable parameter of {index.model_name}")

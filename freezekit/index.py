@@ -292,6 +292,15 @@ class ModelIndex:
             o = int(self.mod_parent[o])
         return out
 
+    def param_name_in(self, uid: int, modules: np.ndarray) -> str:
+        """The name of unique parameter ``uid`` held by a module of the unique-module mask ``modules``
+        (the name a selection reached a tied tensor by); its first name if none is."""
+        if len(self.par_uid) != self.n_params:
+            for j in (self.par_uid == uid).nonzero()[0].tolist():
+                if modules[self.mod_uid[self.param_owner[j]]]:
+                    return self.par_names[j]
+        return self.param_names[uid]
+
     def occurrences(self, uid: int) -> list[int]:
         """Occurrence indices of unique module ``uid``."""
         return (self.mod_uid == uid).nonzero()[0].tolist()

@@ -8,6 +8,8 @@ The swap goes through the module's parent; :func:`restore` puts the original bac
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,6 +38,9 @@ _TIMM_NORM_MODULES = frozenset({
     "timm.layers.filter_response_norm", "timm.layers.grn",
 })
 _OTHER_NORMS = frozenset({("torchvision.ops.misc", "FrozenBatchNorm2d")})
+# Other libraries' norm layers mostly subclass nn.Module directly (transformers alone has hundreds:
+# LlamaRMSNorm, T5LayerNorm, ...); they are known by the name every one of them ends with.
+_NORM_NAME = re.compile(r"(?:Norm|RMSNorm|NormAct)(?:\d+d?)?$")
 # Classes whose forward is exactly BatchNorm (then, for timm's, dropout and activation): only
 # these are swapped; other BatchNorm subclasses may do more, so they get an eval lock instead.
 _SWAPPABLE = frozenset({
@@ -47,12 +52,16 @@ _SWAPPABLE_WITH_ACT = frozenset({("timm.layers.norm_act", "BatchNormAct2d"),
 
 
 def is_norm(cls: type) -> bool:
-    """True if modules of class ``cls`` are normalization layers (torch's, timm's, torchvision's
-    ``FrozenBatchNorm2d``, freezekit's :class:`FrozenBatchNorm`, or a subclass of any)."""
+    """True if modules of class ``cls`` are normalization layers: torch's, timm's, torchvision's
+    ``FrozenBatchNorm2d``, freezekit's :class:`FrozenBatchNorm`, a subclass of any, or a class of
+    another library named like one (``...Norm``, ``...RMSNorm``, ``...Norm2d``: transformers'
+    ``LlamaRMSNorm``, ``T5LayerNorm``, ...). Containers are never norm layers."""
     if issubclass(cls, (*_TORCH_NORMS, FrozenBatchNorm)):
         return True
+    if issubclass(cls, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return False
     return any(c.__module__ in _TIMM_NORM_MODULES or (c.__module__, c.__qualname__) in _OTHER_NORMS
-               for c in cls.__mro__)
+               or (c is not nn.Module and _NORM_NAME.search(c.__name__)) for c in cls.__mro__[:-1])
 
 
 def may_swap(cls: type) -> bool:

@@ -101,6 +101,39 @@ class Plan:
         self.steps = self._steps()
         self.warnings = [f"policy[{i}] {rules[i]!r} is dead: later rules override everything it selects"
                          for i in d.dead]
+        self.tied = self._tied() if len(index.par_uid) != index.n_params else []
+
+    def _tied(self) -> list[str]:
+        """One line per tied tensor (one tensor, several names) whose names different rules selected
+        (or some no rule did): which rule decided it, through which names, and that every name follows.
+        A rule selects a name when it selects the module holding it (or, selecting none of them, the
+        tensor itself)."""
+        index, d, rules = self.index, self.decisions, self.rules
+        owner = index.mod_uid[index.param_owner]  # per parameter occurrence: the unique module holding it
+        names: dict[int, list[int]] = {}
+        for j, u in enumerate(index.par_uid.tolist()):
+            names.setdefault(u, []).append(j)
+        lines = []
+        for u, occurrences in names.items():
+            by = int(d.requires_grad_by[u])
+            if len(occurrences) < 2 or by < 0:
+                continue
+            deciding = [i for i, r in enumerate(rules) if r.action in ("freeze", "unfreeze") and d.selected[i][1][u]]
+            last = {}  # name -> the last freeze / unfreeze that selected it by that name
+            for j in occurrences:
+                mods = [d.selected[i][0] for i in deciding]
+                last[j] = max((i for i, m in zip(deciding, mods) if m[owner[j]] or not m[owner[occurrences]].any()),
+                              default=-1)
+            if len(set(last.values())) < 2:
+                continue
+            state = "trainable" if d.requires_grad[u] == 1 else "frozen"
+            through = [index.par_names[j] for j in occurrences if last[j] == by]
+            others = [f"{index.par_names[j]} ({f'policy[{i}] {rules[i]!r}' if (i := last[j]) >= 0 else 'no rule'})"
+                      for j in occurrences if last[j] != by]
+            lines.append(f"{index.par_names[occurrences[0]]} is one tensor under {len(occurrences)} names: "
+                         f"policy[{by}] {rules[by]!r} makes it {state} through {', '.join(through)}, and so also "
+                         f"{', '.join(others)}")
+        return lines
 
     def _boundaries_to_add(self) -> list[tuple[int, int]]:
         """(unique module, rule) of the boundaries to add; one already there is not added again."""
@@ -244,6 +277,7 @@ class Plan:
         lines.append(f"Result: {statuses.count('trainable')} trainable, {statuses.count('frozen')} frozen, "
                      f"{statuses.count('detached')} detached parameter tensors")
         lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"tied: {t}" for t in self.tied]
         return "\n".join(lines)
 
     def __repr__(self) -> str:

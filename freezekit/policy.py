@@ -29,7 +29,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .errors import ConfigError, DeadRuleWarning, FreezekitError
+from .errors import ConfigError, DeadRuleWarning, FreezekitError, TiedWeightsWarning
 from .index import ModelIndex
 from .plan import Change, Plan
 from .rules import Rule
@@ -162,8 +162,7 @@ class Policy:
         """
         plan = Plan(self.rules, ModelIndex(model))
         plan.requires_grad_before  # noqa: B018 -- read now: a plan describes the model as it was when made
-        for line in plan.warnings:
-            warnings.warn(line, DeadRuleWarning, stacklevel=2)
+        _warn(plan)
         return plan
 
     def apply(self, model: nn.Module, check_optimizers: bool = True) -> Applied:
@@ -182,8 +181,7 @@ class Policy:
         except BaseException:
             handle._rollback()
             raise
-        for line in plan.warnings:
-            warnings.warn(line, DeadRuleWarning, stacklevel=2)
+        _warn(plan)
         _live.setdefault(plan.index.root, []).append(weakref.ref(handle))
         if check_optimizers:
             warn_unheld(model, handle.made_trainable(), f"applying {self!r}")
@@ -210,3 +208,10 @@ class Policy:
             raise ConfigError(f"{where}: expected a list of rules like [{{freeze: '*'}}, {{unfreeze: head}}], "
                               f"got {type(config).__name__}")
         return cls(*(Rule.from_config(rule, f"{where}[{i}]") for i, rule in enumerate(config)))
+
+
+def _warn(plan: Plan) -> None:
+    for line in plan.warnings:
+        warnings.warn(line, DeadRuleWarning, stacklevel=3)
+    for line in plan.tied:
+        warnings.warn(line, TiedWeightsWarning, stacklevel=3)

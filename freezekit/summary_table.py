@@ -48,6 +48,7 @@ class Row:
     mode: str  # "train", "eval", "eval-locked", or "-" for a parameter
     depth: int = 1
     count: int = 1  # modules in a collapsed run
+    tied: str = ""  # for a module all of whose parameters are tensors first named elsewhere: that module
 
 
 class Summary:
@@ -60,9 +61,9 @@ class Summary:
         self.depth = depth
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"model", "rows": [{name, type, parameters, trainable, status, mode}], "totals": {total,
+        """``{"model", "rows": [{name, type, parameters, trainable, status, mode, tied}], "totals": {total,
         trainable, frozen, detached, trainable_pct, saved_bytes}}``: JSON-ready, stable."""
-        keys = ("name", "type", "parameters", "trainable", "status", "mode")
+        keys = ("name", "type", "parameters", "trainable", "status", "mode", "tied")
         return {"model": self.model, "rows": [{k: asdict(r)[k] for k in keys} for r in self.rows],
                 "totals": dict(self.totals)}
 
@@ -70,7 +71,8 @@ class Summary:
         return json.dumps(self.to_dict(), indent=2)
 
     def _cells(self) -> list[list[str]]:
-        return [["  " * (r.depth - 1) + r.name, r.type + (f" x{r.count}" if r.count > 1 else ""),
+        return [["  " * (r.depth - 1) + r.name + (f" (tied to {r.tied})" if r.tied else ""),
+                 r.type + (f" x{r.count}" if r.count > 1 else ""),
                  f"{r.parameters:,}", f"{r.trainable:,}", r.status, r.mode] for r in self.rows]
 
     def _footer(self) -> str:
@@ -124,6 +126,7 @@ class _Table:
         size = np.fromiter((p.element_size() for p in index.params), dtype=np.int64, count=index.n_params)
         occ_numel = numel[index.par_uid] * first
         occ_status = status[index.par_uid]
+        seen = numel[index.par_uid]  # every name: a module whose tensors are tied has their status
         starts, ends = index.mod_pstart[:-1], index.mod_pstart[index.mod_end]
 
         def subtree(values: np.ndarray) -> np.ndarray:  # per module occurrence
@@ -132,6 +135,10 @@ class _Table:
 
         self.total = subtree(occ_numel)
         self.by_status = [subtree(occ_numel * (occ_status == code)) for code in range(len(STATUS))]
+        self.seen_by_status = [subtree(seen * (occ_status == code)) for code in range(len(STATUS))]
+        # the module that holds each tensor's first name, for rows whose tensors are all named before
+        first_names = np.array(index.par_names, dtype=object)[first.nonzero()[0]][np.argsort(index.par_uid[first])]
+        self.holder = [name.rpartition(".")[0] for name in first_names.tolist()]
         classes, class_of = list(index.classes), index.class_of
         if swapped:  # a preview: the classes a policy swaps in (FrozenBatchNorm, or back)
             class_of = class_of.copy()
@@ -149,17 +156,20 @@ class _Table:
         self.numel, self.size, self.status = numel, size, status
 
     def row(self, members: np.ndarray, name: str, depth: int) -> Row:
-        if len(members) == 1:  # most rows: plain lookups
-            m = int(members[0])
-            total, counts, modes = int(self.total[m]), [int(c[m]) for c in self.by_status], {int(self.mode_of[m])}
-        else:
-            total = int(self.total[members].sum())
-            counts = [int(c[members].sum()) for c in self.by_status]
-            modes = set(self.mode_of[members].tolist())
-        status = "-" if total == 0 else next((s for s, c in zip(STATUS, counts) if c == total), "partial")
+        def total_of(values: np.ndarray) -> int:
+            return int(values[members[0]]) if len(members) == 1 else int(values[members].sum())  # most rows: one
+
+        total, trainable = total_of(self.total), total_of(self.by_status[0])
+        seen = [total_of(c) for c in self.seen_by_status]  # the status counts every name of a tied tensor
+        tied = ""
+        if total == 0 and sum(seen):  # every tensor here is tied to one named before: show those
+            total, trainable = sum(seen), seen[0]
+            tied = self.holder[int(self.index.par_uid[self.index.mod_pstart[members[0]]])]
+        status = "-" if not sum(seen) else next((s for s, c in zip(STATUS, seen) if c == sum(seen)), "partial")
+        modes = set(self.mode_of[members].tolist())
         mode = "eval-locked" if modes == {2} else ("train" if modes == {1} else ("eval" if modes == {0} else "mixed"))
-        return Row(name, self.class_names[self.class_of[members[0]]], total, counts[0], status, mode, depth,
-                   len(members))
+        return Row(name, self.class_names[self.class_of[members[0]]], total, trainable, status, mode, depth,
+                   len(members), tied)
 
 
 def _children_groups(table: _Table, members: np.ndarray, label: str) -> list[tuple[np.ndarray, str]]:

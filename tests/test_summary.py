@@ -92,7 +92,7 @@ def test_three_formats():
     s = fk.summary(timm_model("test_vit"), policy=fk.Policy(fk.freeze("*"), fk.unfreeze("head")))
     data = json.loads(s.to_json())
     assert list(data) == ["model", "rows", "totals"]
-    assert set(data["rows"][0]) == {"name", "type", "parameters", "trainable", "status", "mode"}
+    assert set(data["rows"][0]) == {"name", "type", "parameters", "trainable", "status", "mode", "tied"}
     assert set(data["totals"]) == {"total", "trainable", "frozen", "detached", "trainable_pct", "saved_bytes"}
     text = str(s)
     assert text.splitlines()[1].split() == ["name", "type", "parameters", "trainable", "status", "mode"]
