@@ -59,6 +59,8 @@ def out_of_sync(model: nn.Module, group: dist.ProcessGroup | None = None) -> str
     the same ``requires_grad`` flags; else the name of the first that differs. A collective: every
     rank must call it. Outside a process group, None. Works through DDP and FSDP2 (whose
     parameters are gathered whole)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"out_of_sync(): model: expected a torch.nn.Module, got {type(model).__name__}")
     if not dist.is_available() or not dist.is_initialized():
         return None
     index = ModelIndex(model)

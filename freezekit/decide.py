@@ -15,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch.nn as nn
 
-from .errors import NoMatchError, closest
+from .errors import NoMatchError
 from .index import ModelIndex
 from .rules import Rule
 from .select import Resolver, Selector, Unmatched
+from .suggest import unmatched
 
 __all__ = ["Decisions", "decide"]
 
@@ -148,16 +148,5 @@ def _norm_params(index: ModelIndex) -> np.ndarray:
 
 
 def _no_match(i: int, rule: Rule, u: Unmatched, sel: Selector, index: ModelIndex) -> str:
-    where = f"policy[{i}].{rule.action}"
     inside = "" if u.selector is sel else f" (in {sel!r})"
-    if u.kind == "type":
-        classes = {c.__name__ for m in index.modules for c in type(m).__mro__ if issubclass(c, nn.Module)}
-        near = closest(u.pattern.rpartition(".")[2], sorted(classes))
-        what = f"{u.pattern!r}{inside} matched no module of {index.model_name}"
-    elif u.kind == "module":
-        near = closest(u.pattern, index.module_names)
-        what = f"{u.pattern!r}{inside} is not a container (or numbered family) in {index.model_name}"
-    else:
-        near = closest(u.pattern.removeprefix("re:"), index.module_names + index.param_names)
-        what = f"{u.pattern!r}{inside} matched nothing in {index.model_name}"
-    return f"{where}: {what}" + (f"; closest: {', '.join(map(repr, near))}" if near else "")
+    return f"policy[{i}].{rule.action}: {u.pattern!r}{inside} {unmatched(u.pattern, u.kind, index)}"

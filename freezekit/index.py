@@ -14,6 +14,7 @@ FSDP2 (``fully_shard``) keeps the model's own names and needs nothing.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from functools import cached_property
 
@@ -37,6 +38,11 @@ _WRAPPERS = {
     ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper"):
         "_checkpoint_wrapped_module",
 }
+
+
+# Wrapper attributes that can sit anywhere in a name users copy from named_parameters() of a wrapped
+# model ("_orig_mod.layer4", "layer1.0._checkpoint_wrapped_module.conv1"), spelled plainly or as regex.
+_INNER_SEGMENT = re.compile(r"(?<![^.])(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\\?\.")
 
 
 def wrapper_attr(cls: type) -> str | None:
@@ -80,6 +86,13 @@ class ModelIndex:
         self.model = model
         self.root = unwrap(model)
         self._walk()
+
+    def inner_spelling(self, pattern: str) -> str:
+        """``pattern`` as the inner model spells it: without the ``module.`` that a (Distributed)DataParallel
+        around the model adds, nor the wrapper segments of ``torch.compile``, FSDP1 and activation
+        checkpointing. Names through wrappers mean the same tensors as the inner names."""
+        outer = "".join(rf"{wrapper_attr(type(w))}\\?\." for w in peel(self.model)[1])  # "module." of DDP, ...
+        return _INNER_SEGMENT.sub("", re.sub(f"^{outer}", "", pattern) if outer else pattern)
 
     def _walk(self) -> None:
         # What planning needs of each module is read here, while it is at hand.

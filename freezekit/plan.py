@@ -102,6 +102,24 @@ class Plan:
         self.warnings = [f"policy[{i}] {rules[i]!r} is dead: later rules override everything it selects"
                          for i in d.dead]
         self.tied = self._tied() if len(index.par_uid) != index.n_params else []
+        self.notes = self._fixed_norms()
+
+    def _fixed_norms(self) -> list[str]:
+        """One line per unfreeze that covers norm layers whose weight and bias are buffers, not
+        parameters (torchvision's FrozenBatchNorm2d): no flag can make them train."""
+        index, lines = self.index, []
+        if not any(r.action == "unfreeze" for r in self.rules):
+            return lines
+        fixed = np.zeros(index.n_modules, dtype=bool)
+        norms = index.norms.nonzero()[0].tolist()
+        fixed[[u for u in norms if index.modules[u]._buffers.get("weight") is not None]] = True
+        for i, rule in enumerate(self.rules):
+            if rule.action == "unfreeze" and (hit := (self.decisions.selected[i][0] & fixed)).any():
+                kinds = sorted({type(index.modules[u]).__name__ for u in hit.nonzero()[0].tolist()})
+                lines.append(f"policy[{i}] {rule!r} covers {int(hit.sum())} {'/'.join(kinds)} whose weight and bias "
+                             "are buffers, not parameters: they stay fixed (build the model with trainable norm "
+                             "layers, e.g. norm_layer=nn.BatchNorm2d, to train them)")
+        return lines
 
     def _tied(self) -> list[str]:
         """One line per tied tensor (one tensor, several names) whose names different rules selected
@@ -278,6 +296,7 @@ class Plan:
                      f"{statuses.count('detached')} detached parameter tensors")
         lines += [f"warning: {w}" for w in self.warnings]
         lines += [f"tied: {t}" for t in self.tied]
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def __repr__(self) -> str:

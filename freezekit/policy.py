@@ -29,7 +29,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .errors import ConfigError, DeadRuleWarning, FreezekitError, TiedWeightsWarning
+from .errors import ConfigError, DeadRuleWarning, FreezekitError, FreezekitWarning, TiedWeightsWarning
 from .index import ModelIndex
 from .plan import Change, Plan
 from .rules import Rule
@@ -215,3 +215,5 @@ def _warn(plan: Plan) -> None:
         warnings.warn(line, DeadRuleWarning, stacklevel=3)
     for line in plan.tied:
         warnings.warn(line, TiedWeightsWarning, stacklevel=3)
+    for line in plan.notes:
+        warnings.warn(line, FreezekitWarning, stacklevel=3)

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
-from .errors import PatternError
+from .errors import NoMatchError, PatternError
 from .index import ModelIndex
 from .matching import glob_spans_subtrees, regex_spans_subtrees
+from .suggest import unmatched
 
 __all__ = [
     "Selection",
@@ -80,8 +81,11 @@ class Selector:
     # it matched, and what lies below): a strict rule need not count what it selected.
     selects_what_matched = False
 
-    def select(self, model: nn.Module) -> Selection:
+    def select(self, model: nn.Module, strict: bool = True) -> Selection:
         """The modules and parameters this selector picks in ``model``, by qualified name.
+
+        Raises:
+            NoMatchError: a pattern matched nothing (as in a policy); ``strict=False`` allows it.
 
         Example:
             >>> import torch.nn as nn, freezekit as fk
@@ -89,7 +93,11 @@ class Selector:
             ('0.weight', '0.bias')
         """
         index = ModelIndex(model)
-        modules, params = Resolver(index).resolve(self)
+        resolver = Resolver(index)
+        modules, params = resolver.resolve(self)
+        if strict and resolver.unmatched:
+            raise NoMatchError([f"{self!r}: {u.pattern!r} {unmatched(u.pattern, u.kind, index)}"
+                                for u in resolver.unmatched])
         return Selection(
             tuple(index.module_names[i] for i in modules.nonzero()[0]),
             tuple(index.param_names[i] for i in params.nonzero()[0]),
@@ -154,7 +162,7 @@ def _hits(r: Resolver, selector: Selector, patterns: tuple[str, ...], match: Cal
     for pattern in patterns:
         key = (type(selector), pattern)
         if key not in r.cache:
-            r.cache[key] = match(pattern)
+            r.cache[key] = match(r.index.inner_spelling(pattern))
         mask = r.cache[key]
         if not np.count_nonzero(mask):
             r.unmatched.append(Unmatched(selector, prefix + pattern, "name"))
@@ -204,7 +212,7 @@ class Regex(Selector):
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
         by_pattern = dict(zip(self.patterns, self.compiled))
-        hits = _hits(r, self, self.patterns, lambda p: r.index.names.regex(by_pattern[p]), "re:")
+        hits = _hits(r, self, self.patterns, lambda p: r.index.names.regex(by_pattern.get(p) or re.compile(p)), "re:")
         spans = not r.index.names.has_newlines and all(map(regex_spans_subtrees, self.patterns))
         return r.index.expand(hits, spans)
 
@@ -224,7 +232,7 @@ class Names(Selector):
 
     def _resolve(self, r: Resolver) -> tuple[np.ndarray, np.ndarray]:
         idx = r.index
-        found = idx.names.positions(self.names)
+        found = idx.names.positions([idx.inner_spelling(name) for name in self.names])
         r.unmatched += [Unmatched(self, name, "name") for name, at in zip(self.names, found) if at is None]
         hits = np.zeros(len(idx.names.names), dtype=bool)
         hits.put([at for at in found if at is not None], True)

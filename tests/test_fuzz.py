@@ -623,6 +623,10 @@ def _misuse():
         (lambda: fk.sync_optimizer(opt, m, lr_mult=0), ValueError, "lr_mult"),
         (lambda: fk.sync_optimizer(opt, m, lr_mult=math.inf), ValueError, "lr_mult"),
         (lambda: fk.sync_optimizer(opt, m, drop_state="x"), TypeError, "drop_state"),
+        (lambda: fk.track_optimizer(3, m), TypeError, "optimizer"),
+        (lambda: fk.track_optimizer(opt, 3), TypeError, "model"),
+        (lambda: fk.rebuild_ddp(m), TypeError, "wrapper"),
+        (lambda: fk.out_of_sync(3), TypeError, "model"),
         (lambda: fk.Phase(-1, policy), ValueError, "at"),
         (lambda: fk.Phase("1", policy), ValueError, "at"),
         (lambda: fk.Phase(1, 3), TypeError, "policy"),
@@ -658,7 +662,7 @@ def test_every_public_callable_is_covered():
                "eval_mode", "Policy", "Rule", "summary", "state", "state_dict", "load_state", "State", "audit",
                "assert_frozen", "unwrap", "FrozenBatchNorm", "FrozenBatchNormAct", "detached", "frozen_copy",
                "polyak_update", "hard_update", "grads", "param_groups", "sync_optimizer", "Phase", "Schedule",
-               "gradual_unfreeze"}
+               "gradual_unfreeze", "track_optimizer", "rebuild_ddp", "out_of_sync"}
     # records, results and errors: built by freezekit, not called with user input
     built = {"Applied", "Change", "Event", "Finding", "Findings", "ModulePlan", "ParamPlan", "Plan", "Selection",
              "Selector", "Summary", "SyncReport"}
