@@ -1,9 +1,14 @@
-"""Building models by name: ``timm:NAME``, ``torchvision:NAME`` or ``package.module:factory``.
+"""Building models by name: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH_OR_ID`` or
+``package.module:factory``.
 
 Nothing is downloaded: ``pretrained=True`` reads the weights from the local cache of timm (the
 Hugging Face hub cache) or torchvision (``torch.hub``), and fails at once, saying so, if they are
-not there. A factory outside torch, torchvision, timm and freezekit is
-imported only when its package is allowed (``allow_import``): a name in a recipe must not run code.
+not there; with ``pretrained=False`` no weights are read at all (torchvision's detection and
+segmentation backbones included). ``hf:`` takes a local directory holding a Hugging Face
+``config.json`` (and weights, for ``pretrained=True``) or a model id already in the local Hugging
+Face cache, and needs ``transformers`` (``pip install 'freezekit[transformers]'``). A factory
+outside torch, torchvision, timm and freezekit is imported only when its package is allowed
+(``allow_import``): a name in a recipe must not run code.
 
 Example:
     >>> import freezekit.models as models
@@ -14,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -28,7 +34,7 @@ from .errors import FreezekitError, closest
 __all__ = ["IMPORTABLE", "WEIGHT_ARGUMENTS", "UnknownModelError", "build", "build_for_inspection", "parse"]
 
 IMPORTABLE = frozenset({"torch", "torchvision", "timm", "freezekit"})
-SOURCES = ("timm", "torchvision")
+SOURCES = ("timm", "torchvision", "hf")
 # Factory arguments that would fetch or read weights behind the cache-only, weights-only loading here.
 WEIGHT_ARGUMENTS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "weights",
                   "weights_backbone")
@@ -41,7 +47,8 @@ class UnknownModelError(FreezekitError, ValueError):
 def parse(spec: str) -> tuple[str, str]:
     """``"timm:resnet18"`` -> ``("timm", "resnet18")``; ``"pkg.mod:fn"`` -> ``("pkg.mod", "fn")``."""
     if not isinstance(spec, str) or ":" not in spec or not all(spec.partition(":")[::2]):
-        raise UnknownModelError(f"model {spec!r}: expected timm:NAME, torchvision:NAME or package.module:factory")
+        raise UnknownModelError(f"model {spec!r}: expected timm:NAME, torchvision:NAME, hf:PATH_OR_ID or "
+                                "package.module:factory")
     source, _, name = spec.partition(":")
     if source not in SOURCES and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", source):
         raise UnknownModelError(f"model {spec!r}: {source!r} is not a module path; expected timm:NAME, "
@@ -88,11 +95,15 @@ def build(spec: str, *, num_classes: int | None = None, pretrained: bool = False
     source, name = parse(spec)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if source == "hf":
+        return _huggingface(spec, name, num_classes, pretrained, device, kwargs)
     if source in SOURCES:
-        loads = [k for k in WEIGHT_ARGUMENTS if k in kwargs]
+        loads = [k for k in WEIGHT_ARGUMENTS if kwargs.get(k, False) not in (None, False)]
         if loads:
             raise UnknownModelError(f"model {spec!r}: argument {loads[0]!r} would load weights; use "
                                     "pretrained=True (cache only) or a checkpoint file instead")
+        for key in ("pretrained", "weights"):  # null: what is passed below anyway
+            kwargs.pop(key, None)
         names = _registry(source)
         if name not in names:
             near = closest(name, names)
@@ -106,12 +117,46 @@ def build(spec: str, *, num_classes: int | None = None, pretrained: bool = False
         if source == "torchvision":
             import torchvision
 
+            if not pretrained:  # no weights at all: detection models load a backbone's by default
+                accepted = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+                kwargs.update({k: None for k in WEIGHT_ARGUMENTS if k in accepted and k not in ("weights",)})
             weights = "DEFAULT" if pretrained else None
             return _offline(lambda: torchvision.models.get_model(name, weights=weights, **kwargs), spec, pretrained)
         model = _factory(spec, source, name, allow_import)(**kwargs)
     if not isinstance(model, nn.Module):
         raise UnknownModelError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _huggingface(spec: str, name: str, num_classes: int | None, pretrained: bool,
+                 device: str | torch.device | None, kwargs: dict[str, Any]) -> nn.Module:
+    """A Hugging Face model from a local directory or the local cache: the class its config names
+    (``architectures``), else ``AutoModel``; weights only with ``pretrained``."""
+    try:
+        import transformers
+    except ImportError:
+        raise UnknownModelError(f"model {spec!r}: hf: models need transformers; pip install "
+                                "'freezekit[transformers]'") from None
+    if num_classes is not None:
+        kwargs["num_labels"] = num_classes
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UnknownModelError(f"model {spec!r}: no Hugging Face config found for {name!r}: not a directory with a "
+                                "config.json, nor a model id in the local Hugging Face cache (freezekit does not "
+                                f"download). ({str(e).splitlines()[0]})") from None
+    cls = next((c for a in config.architectures or () if (c := getattr(transformers, a, None)) is not None),
+               transformers.AutoModel)
+    make = cls.from_config if cls is transformers.AutoModel else cls
+    with torch.device(device) if device is not None else nullcontext():
+        if not pretrained:
+            return make(config)
+    try:
+        model = cls.from_pretrained(name, config=config, local_files_only=True)
+    except OSError as e:
+        raise UnknownModelError(f"model {spec!r}: no weights found for {name!r} locally ({str(e).splitlines()[0]}); "
+                                "use pretrained: false to build it without weights") from None
+    return model.to(device) if device is not None else model
 
 
 def build_for_inspection(spec: str, *, on_cpu: Callable[[str], object] | None = None, **kwargs: Any) -> nn.Module:

@@ -53,6 +53,11 @@ from .setup import RunError, WarmupThen, build_model, build_optimizer, load_data
 __all__ = ["RunError", "RunResult", "run"]
 
 
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, or a Hugging Face output's ``logits``."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
 @dataclass
 class RunResult:
     output: Path
@@ -201,7 +206,7 @@ class _Run:
         with self._autocast():
             if self.cache is not None:
                 return self.cache.head(self.cache.features(indices))
-            return self.engine(normalize(images.to(self.device)))
+            return logits_of(self.engine(normalize(images.to(self.device))))
 
     def train_epoch(self) -> dict[str, float]:
         recipe, model = self.recipe, self.model
@@ -250,7 +255,7 @@ class _Run:
             labels = self.val_set.labels[idx].to(self.device)
             with self._autocast():
                 logits = self.cache.head(self.cache.features(idx + offset)) if self.cache is not None else \
-                    self.model(normalize(self.val_set.images[idx].to(self.device)))
+                    logits_of(self.model(normalize(self.val_set.images[idx].to(self.device))))
             total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             correct += int((logits.argmax(1) == labels).sum())
         n = len(self.val_set)
