@@ -165,7 +165,7 @@ def build_for_inspection(spec: str, *, on_cpu: Callable[[str], object] | None = 
     ``kwargs`` go to :func:`build`, and its errors come through."""
     try:
         return build(spec, device="meta", **kwargs)
-    except NotImplementedError:  # a model that computes its layout from tensor values
+    except (NotImplementedError, RuntimeError):  # a model that computes its layout from tensor values
         if on_cpu is not None:
             on_cpu(f"{spec} does not build on the meta device; building it on the CPU")
         return build(spec, device="cpu", **kwargs)

@@ -18,7 +18,7 @@ def user_errors() -> Iterator[None]:
     """Turn freezekit's errors (and the library's argument errors) into ``error: ...`` and exit 1."""
     try:
         yield
-    except (FreezekitError, ValueError, TypeError) as e:
+    except (FreezekitError, ValueError, TypeError, OSError) as e:  # OSError: a file, or a factory reaching out
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 
