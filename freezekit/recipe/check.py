@@ -180,7 +180,7 @@ def plan_phases(recipe: Recipe, model: nn.Module, policy: Policy, schedule: Sche
             stage = Policy(stage, strict=False)  # go on, to find the later phases' problems too
             plan = stage.plan(model)
         table = summary(model, policy=stage)
-        stage.apply(model)
+        stage.apply(model, check_optimizers=False)  # synced just below
         if optimizer is None:
             start_groups = param_groups(model, lr=opt.lr, weight_decay=opt.weight_decay, **groups)
             optimizer = torch.optim.SGD(start_groups, lr=opt.lr) if start_groups else None
