@@ -25,6 +25,7 @@ from ..policy import Policy
 from ..schedule import Schedule
 from ..select import Resolver
 from ..select_config import from_config as selector_from_config
+from ..suggest import unmatched
 from ..summary_table import Summary, summary
 from ..weights import CheckpointError, load_weights
 from .load import Problem, RecipeError, _from_override, locate, split_path
@@ -231,9 +232,7 @@ def check(recipe: Recipe, allow_import: tuple[str, ...] | list[str] = ()) -> Pre
             before = len(resolver.unmatched)
             _, params = resolver.resolve(sel)
             for u in resolver.unmatched[before:]:
-                near = closest(u.pattern, index.module_names + index.param_names)
-                out.add(f"optimizer.groups[{i}].select", f"{u.pattern!r} matched nothing in {index.model_name}; "
-                        f"closest: {', '.join(map(repr, near))}")
+                out.add(f"optimizer.groups[{i}].select", f"{u.pattern!r} {unmatched(u.pattern, u.kind, index)}")
             if len(resolver.unmatched) == before and not params.any():
                 out.add(f"optimizer.groups[{i}].select", "selects no parameter")
         try:
