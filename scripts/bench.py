@@ -15,6 +15,7 @@ alternating, and the median taken. Every run prints a table and writes JSON to b
 | cache | ten epochs of a linear probe with cached features | the same without | >= 5x faster, same accuracy |
 | values | fk.detached on 1,000 nested tensors | a bare detach-clone loop | <= 1.2x |
 | verify | a resnet50 step inside fk.assert_frozen | the same step | <= 1.05x |
+| polyak | fk.polyak_update (MLP, test_resnet) | one torch._foreach_lerp_ (+ int buffers copied) by hand | <= 1.3x |
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def alternate(fns: dict[str, Callable[[], Any]], repeats: int,
-              before: Callable[[], Any] | None = None) -> dict[str, float]:
+def alternate(fns: dict[str, Callable[[], Any]], repeats: int, before: Callable[[], Any] | None = None,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds of each function, run in turn ``repeats`` times, each after ``gc.collect()``."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
@@ -91,9 +92,9 @@ def alternate(fns: dict[str, Callable[[], Any]], repeats: int,
             if before is not None:
                 before()
             gc.collect()
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -499,6 +500,60 @@ def verify(quick: bool = QUICK, smoke: bool = SMOKE) -> dict[str, Any]:
     return result
 
 
+def _polyak_row(name: str, online: nn.Module, calls: int, repeats: int) -> dict[str, Any]:
+    target = fk.frozen_copy(online)
+    floats = [[t for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()] for m in (target, online)]
+    others = [[t for t in m.buffers() if not t.is_floating_point()] for m in (target, online)]
+
+    def lerp() -> None:  # the lerp alone
+        for _ in range(calls):
+            with torch.no_grad():
+                torch._foreach_lerp_(floats[0], floats[1], 0.005)
+
+    def by_hand() -> None:  # the whole update: also num_batches_tracked, copied
+        for _ in range(calls):
+            with torch.no_grad():
+                torch._foreach_lerp_(floats[0], floats[1], 0.005)
+                if others[0]:
+                    torch._foreach_copy_(others[0], others[1])
+
+    def freezekit() -> None:
+        for _ in range(calls):
+            fk.polyak_update(target, online, 0.005)
+
+    start = time.perf_counter()
+    fk.polyak_update(target, online, 0.005)  # the first call matches the two modules
+    first = time.perf_counter() - start
+    # CPU time of this (only) thread: on a shared machine, wall time also counts the waits for a core
+    times = alternate({"lerp": lerp, "hand": by_hand, "polyak": freezekit}, repeats, clock=time.thread_time)
+    return {"model": name, "lerped": len(floats[0]), "copied": len(others[0]), "lerp_us": 1e6 * times["lerp"] / calls,
+            "hand_us": 1e6 * times["hand"] / calls, "polyak_us": 1e6 * times["polyak"] / calls,
+            "ratio": times["polyak"] / times["hand"], "ratio_to_lerp": times["polyak"] / times["lerp"],
+            "first_call_us": 1e6 * first}
+
+
+@app.command()
+def polyak(quick: bool = QUICK, smoke: bool = SMOKE) -> dict[str, Any]:
+    """fk.polyak_update / the same update by hand (one torch._foreach_lerp_ over the floating-point
+    tensors, listed once, and num_batches_tracked copied), on a 3-layer MLP and timm's test_resnet."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
+    calls, repeats = (1, 3) if smoke else (100, 30 if quick else 100)  # a call takes 15 to 150 µs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, timed by its CPU time (with two, on a busy machine, medians swung 10x)
+    try:
+        rows = [_polyak_row("mlp", mlp, calls, repeats),
+                _polyak_row("test_resnet", timm.create_model("test_resnet", pretrained=False), calls, repeats)]
+    finally:
+        torch.set_num_threads(threads)
+    show(rows, list(rows[0]))
+    worst = max(r["ratio"] for r in rows)
+    result = {"worst": worst, "target": 1.3, "verdict": verdict(worst, 1.3),
+              "worst_to_lerp": max(r["ratio_to_lerp"] for r in rows)}
+    save("polyak", rows, result)
+    return result
+
+
 # ----------------------------------------------------------------------------------------- all, plot
 
 
@@ -507,7 +562,7 @@ def run_all(quick: bool = QUICK, smoke: bool = SMOKE) -> None:
     """Every benchmark in turn, then each ratio against its target."""
     outcomes = {}
     for name, fn in (("apply", apply), ("summary", summary), ("step", step), ("runner", runner), ("ddp", ddp),
-                     ("cache", cache), ("values", values), ("verify", verify)):
+                     ("cache", cache), ("values", values), ("verify", verify), ("polyak", polyak)):
         print(f"\n== {name}")
         outcomes[name] = fn(quick=quick, smoke=smoke)
     print("\n== against the targets")
