@@ -110,9 +110,13 @@ class Plan:
         index, lines = self.index, []
         if not any(r.action == "unfreeze" for r in self.rules):
             return lines
-        fixed = np.zeros(index.n_modules, dtype=bool)
-        norms = index.norms.nonzero()[0].tolist()
-        fixed[[u for u in norms if index.modules[u]._buffers.get("weight") is not None]] = True
+        norms = index.norms.nonzero()[0]  # one of each class tells for its class
+        classes, first = np.unique(index.class_of[norms], return_index=True)
+        fixed_classes = [c for c, u in zip(classes.tolist(), norms[first].tolist())
+                         if index.modules[u]._buffers.get("weight") is not None]
+        if not fixed_classes:
+            return lines
+        fixed = index.norms & np.isin(index.class_of, fixed_classes)
         for i, rule in enumerate(self.rules):
             if rule.action == "unfreeze" and (hit := (self.decisions.selected[i][0] & fixed)).any():
                 kinds = sorted({type(index.modules[u]).__name__ for u in hit.nonzero()[0].tolist()})
