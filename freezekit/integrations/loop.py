@@ -88,9 +88,9 @@ class LoopDriver:
     def check_in_sync(self, model: nn.Module, when: str) -> None:
         """Under torch.distributed (a collective: every rank calls it): record whether every rank holds
         the same trainable parameters, and raise if not."""
-        first = out_of_sync(model)
-        if first is None and not torch.distributed.is_initialized():
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
+        first = out_of_sync(model)
         self.sync_checks.append({"after": when, "ranks_in_sync": first is None})
         if first is not None:
             raise FreezekitError(f"ranks out of sync after {when}: {first} differs between ranks")
