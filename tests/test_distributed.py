@@ -74,7 +74,7 @@ def test_runs_stay_in_sync_and_resume_after_a_kill(strategy, tmp_path):
     output, _ = killed.communicate(timeout=300)
     assert killed.returncode != 0, output
     last = tmp_path / "killed" / "checkpoints" / "last.pt"
-    assert epoch_of(last) == 0
+    assert epoch_of(last) == 0, output
     finish(torchrun(tmp_path, "killed", "--resume"))
     resumed = records(tmp_path / "killed" / "metrics.jsonl")
     assert all(c["ranks_in_sync"] for c in resumed if c.get("event") == "sync_check")
