@@ -87,13 +87,12 @@ class FreezekitCallback(TrainerCallback):
             sync_optimizer(_inner(optimizer), model, scheduler=_inner(lr_scheduler))
         track_optimizer(_inner(optimizer), model)  # a policy applied by hand later must not leave it behind
 
-    def on_epoch_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module = None,
-                       optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
-        self._advance(model, optimizer, lr_scheduler, epoch=math.floor(state.epoch + 1e-6), step=state.global_step)
-
     def on_step_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module = None,
                       optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
-        self._advance(model, optimizer, lr_scheduler, epoch=math.floor(state.epoch + 1e-6), step=state.global_step)
+        epoch = math.floor((state.epoch or 0) + 1e-6)  # a float that counts steps too
+        self._advance(model, optimizer, lr_scheduler, epoch=epoch, step=state.global_step)
+
+    on_epoch_begin = on_step_begin  # epoch phases at the epoch's start, step phases at each step's
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: torch.nn.Module = None, **kwargs: Any) -> None:
         self.driver.check_in_sync(model, "training")
