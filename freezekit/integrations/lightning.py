@@ -73,12 +73,12 @@ class FreezekitFinetuning(pl.Callback):
             self._rewrap(trainer, pl_module, "replaying the schedule")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._advance(trainer, pl_module, epoch=trainer.current_epoch)
+        self._advance(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if batch_idx % trainer.accumulate_grad_batches == 0:  # not in the middle of an accumulation
-            self._advance(trainer, pl_module, epoch=trainer.current_epoch)
+            self._advance(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.driver.check_in_sync(pl_module, "training")
@@ -90,8 +90,8 @@ class FreezekitFinetuning(pl.Callback):
         if state_dict:
             self.driver.load_state_dict(state_dict)
 
-    def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
-        step = trainer.global_step
+    def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch, step = trainer.current_epoch, trainer.global_step
         if self.driver.advance(pl_module, *self._optimizer(trainer), epoch=epoch, step=step):
             self._rewrap(trainer, pl_module, f"the phase at epoch {epoch}, step {step}")
 
