@@ -299,7 +299,7 @@ class ModelIndex:
 
     def ancestors(self, uid: int) -> list[nn.Module]:
         """The modules above unique module ``uid`` (at its first name), nearest first."""
-        out, o = [], int(self.mod_parent[int((self.mod_uid == uid).argmax())])
+        out, o = [], int(self.mod_parent[self.occurrences(uid)[0]])
         while o >= 0:
             out.append(self.modules[self.mod_uid[o]])
             o = int(self.mod_parent[o])
@@ -316,6 +316,8 @@ class ModelIndex:
 
     def occurrences(self, uid: int) -> list[int]:
         """Occurrence indices of unique module ``uid``."""
+        if len(self.mod_uid) == self.n_modules:  # nothing shared (the common case): one each, in order
+            return [uid]
         return (self.mod_uid == uid).nonzero()[0].tolist()
 
     def slot(self, occurrence: int) -> tuple[nn.Module, str] | None:

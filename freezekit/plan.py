@@ -89,7 +89,7 @@ class Plan:
         modules = index.modules
         # The model as it is now, read once: a plan keeps describing the model it was made on.
         self._cuts_before = {u: tuple(_boundary.boundaries(modules[u])) for u in index.maybe_cut}
-        locked_before = {u for u in index.maybe_locked if _lock.is_locked(modules[u])}
+        locked_before = set(index.eval_locked())
         self.swaps = _flips(d.swapped, set(index.frozen_bn))
         # the module that will sit at each place swapped (placed), and which places will be locked then
         self.placed = {u: frozen(modules[u]) if swap else modules[u].original for u, swap in self.swaps.items()}
