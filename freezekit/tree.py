@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["tree_map"]
+__all__ = ["NOT_A_CONTAINER", "rebuilt", "tree_map"]
 
 _Tensor = torch.Tensor
 
@@ -41,15 +41,26 @@ def tree_map(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
         return tuple([fn(v) if isinstance(v, _Tensor) else tree_map(fn, v) for v in value])
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    out = rebuilt(value, lambda v: tree_map(fn, v))
+    return value if out is NOT_A_CONTAINER else out
+
+
+NOT_A_CONTAINER: Any = object()  # what rebuilt() returns for anything else
+
+
+def rebuilt(value: Any, each: Callable[[Any], Any]) -> Any:
+    """``value`` rebuilt with ``each`` applied to each item, if it is a dataclass, tuple (namedtuple
+    included), list or dict, with the same type and keys; else :data:`NOT_A_CONTAINER`."""
+    kind = type(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):  # before dict: ModelOutput is both
-        return _dataclass(fn, value)
+        return _dataclass(each, value)
     if isinstance(value, tuple):
-        items = [tree_map(fn, v) for v in value]
-        return kind(*items) if hasattr(value, "_fields") else _rebuilt(value, items)  # namedtuple, or other
+        items = [each(v) for v in value]
+        return kind(*items) if hasattr(value, "_fields") else _sequence(value, items)  # namedtuple, or other
     if isinstance(value, list):
-        return _rebuilt(value, [tree_map(fn, v) for v in value])
+        return _sequence(value, [each(v) for v in value])
     if isinstance(value, dict):
-        items = [(key, tree_map(fn, v)) for key, v in value.items()]
+        items = [(key, each(v)) for key, v in value.items()]
         if kind is OrderedDict:  # named as such, so that torch.compile can trace it
             return OrderedDict(items)
         try:
@@ -58,12 +69,12 @@ def tree_map(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
             out = copy.copy(value)
             out.update(items)
             return out
-    return value
+    return NOT_A_CONTAINER
 
 
-def _dataclass(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
+def _dataclass(each: Callable[[Any], Any], value: Any) -> Any:
     fields = [(f.name, f.init) for f in dataclasses.fields(value)]
-    mapped = {name: tree_map(fn, getattr(value, name)) for name, _ in fields}
+    mapped = {name: each(getattr(value, name)) for name, _ in fields}
     try:
         out = type(value)(**{name: mapped[name] for name, init in fields if init})
         rest = [name for name, init in fields if not init]
@@ -74,7 +85,7 @@ def _dataclass(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
     return out
 
 
-def _rebuilt(value: Any, items: list) -> Any:
+def _sequence(value: Any, items: list) -> Any:
     try:
         return type(value)(items)
     except TypeError:  # a sequence type that cannot be built from an iterable: plain container

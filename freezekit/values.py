@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import gc
 import types
 from collections.abc import Callable
@@ -33,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .tree import NOT_A_CONTAINER, rebuilt
 
 __all__ = ["detached", "stop_gradient", "to_cpu", "to_numpy", "to_python"]
 
@@ -67,43 +68,19 @@ class _Walk:
         kind = type(value)
         if kind in _ATOMS:
             return value
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # before dict: ModelOutput is both
-            return self._dataclass(value)
-        if isinstance(value, tuple):
-            items = [self(v) for v in value]
-            return kind(*items) if hasattr(value, "_fields") else _rebuilt(value, items)  # namedtuple, or other
-        if isinstance(value, list):
-            return _rebuilt(value, [self(v) for v in value])
-        if isinstance(value, dict):
-            return self._dict(value)
-        return self._object(value)
+        fn, tensor = self.fn, torch.Tensor
+        if kind is list:  # the common containers first, each item's tensor test inline (as tree_map does)
+            return [fn(v) if isinstance(v, tensor) else self(v) for v in value]
+        if kind is dict and all(type(key) is str for key in value):
+            return {key: fn(v) if isinstance(v, tensor) else self(v) for key, v in value.items()}
+        if isinstance(value, dict) and any(_holds_tensor(key, set()) for key in value):
+            raise self._fail(value, "it has tensors as keys", "key it by names instead")
+        out = rebuilt(value, self)
+        return self._object(value) if out is NOT_A_CONTAINER else out
 
     def _fail(self, value: Any, why: str, how: str = _HOW) -> TypeError:
         kind = type(value)
         return TypeError(f"fk.{self.helper}(): cannot walk a {kind.__module__}.{kind.__qualname__}: {why}; {how}")
-
-    def _dict(self, value: dict) -> dict:
-        if any(_holds_tensor(key, set()) for key in value):
-            raise self._fail(value, "it has tensors as keys", "key it by names instead")
-        items = [(key, self(v)) for key, v in value.items()]
-        try:
-            return type(value)(items)
-        except TypeError:  # defaultdict and others whose constructor wants more
-            out = copy.copy(value)
-            out.update(items)
-            return out
-
-    def _dataclass(self, value: Any) -> Any:
-        fields = [(f.name, f.init) for f in dataclasses.fields(value)]
-        mapped = {name: self(getattr(value, name)) for name, _ in fields}
-        try:
-            out = type(value)(**{name: mapped[name] for name, init in fields if init})
-            rest = [name for name, init in fields if not init]
-        except TypeError:  # an __init__ that takes more than the fields (InitVar)
-            out, rest = copy.copy(value), [name for name, _ in fields]
-        for name in rest:
-            object.__setattr__(out, name, mapped[name])
-        return out
 
     def _object(self, value: Any) -> Any:
         """A copy of ``value`` with the attributes that hold tensors mapped, or ``value`` without tensors."""
@@ -129,13 +106,6 @@ class _Walk:
             if _holds_tensor(v, set()):
                 vars(out)[name] = self(v)
         return out
-
-
-def _rebuilt(value: Any, items: list) -> Any:
-    try:
-        return type(value)(items)
-    except TypeError:  # a sequence type that cannot be built from an iterable: plain container
-        return tuple(items) if isinstance(value, tuple) else items
 
 
 def _mapped(fn: Callable[[torch.Tensor], Any], value: Any, helper: str) -> Any:
