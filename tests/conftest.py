@@ -54,6 +54,17 @@ def process_group(tmp_path):
     dist.destroy_process_group()
 
 
+def write_rank(out: Path, rank: int, model: nn.Module, sync_checks: list[dict]) -> None:
+    """What a script under :func:`two_ranks` reports: every parameter's checksum, what trains, the checks."""
+    from freezekit.verify import checksum
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "sums": {n: checksum(p.detach()) for n, p in model.named_parameters()},
+        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "sync_checks": sync_checks}))
+
+
 def two_ranks(script: Path, out: Path, *args: str) -> list[dict]:
     """Run ``script OUT ARGS`` under torchrun, 2 CPU processes; each rank's ``OUT/rank{R}.json``."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

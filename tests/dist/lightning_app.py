@@ -7,7 +7,6 @@ rank writes ``OUT/rank{R}.json`` with the checksum of every parameter and the ca
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import freezekit as fk
 from freezekit.integrations.lightning import FreezekitFinetuning
-from freezekit.verify import checksum
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import write_rank  # noqa: E402
 
 BATCH, BATCHES = 8, 3  # per process
 
@@ -122,12 +123,7 @@ def main() -> None:
     run.fit(module, ckpt_path=resume)
     if "--save" in sys.argv:
         run.save_checkpoint(sys.argv[sys.argv.index("--save") + 1])
-    rank = run.global_rank
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{rank}.json").write_text(json.dumps({
-        "sums": {n: checksum(p.detach()) for n, p in module.named_parameters()},
-        "trainable": sorted(n for n, p in module.named_parameters() if p.requires_grad),
-        "sync_checks": cb.sync_checks}))
+    write_rank(out, run.global_rank, module, cb.sync_checks)
 
 
 if __name__ == "__main__":

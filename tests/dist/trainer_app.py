@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,10 +14,10 @@ import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import write_rank  # noqa: E402
 from test_transformers import Pairs, bert, callback  # noqa: E402
 
 from freezekit.integrations.transformers import FreezekitTrainer  # noqa: E402
-from freezekit.verify import checksum  # noqa: E402
 
 
 def main() -> None:
@@ -31,12 +30,7 @@ def main() -> None:
     cls = Trainer if "plain" in sys.argv else FreezekitTrainer
     run = cls(model=bert(), args=args, train_dataset=Pairs(), callbacks=[freeze])
     run.train()
-    model = run.model
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps({
-        "sums": {n: checksum(p.detach()) for n, p in model.named_parameters()},
-        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
-        "sync_checks": freeze.sync_checks}))
+    write_rank(out, dist.get_rank(), run.model, freeze.sync_checks)
 
 
 if __name__ == "__main__":
