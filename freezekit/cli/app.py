@@ -31,6 +31,7 @@ def root(
 
 
 from . import check as _check  # noqa: E402  (commands register on the app above)
+from . import predict as _predict  # noqa: E402
 from . import recipes as _recipes  # noqa: E402
 from . import run as _run  # noqa: E402
 from . import summary as _summary  # noqa: E402
@@ -39,6 +40,7 @@ app.command("run")(_run.command)
 app.command("check")(_check.command)
 app.command("summary")(_summary.command)
 app.command("recipes")(_recipes.command)
+app.command("predict")(_predict.command)
 
 
 def main() -> None:
