@@ -305,11 +305,13 @@ def step(quick: bool = QUICK, smoke: bool = SMOKE) -> dict[str, Any]:
 def hand_loop(epochs: int, train_size: int) -> float:
     """The quickstart, written by hand: the same model, data, optimizer and schedule, no extras.
     Returns the seconds of its epochs (after setup, like the runner's own epoch time)."""
-    from freezekit.train.data import batches, normalize, shapes
+    from freezekit.train.data import normalize, shapes
+    from freezekit.train.loader import batches
 
     torch.manual_seed(0)
     train, val, _ = shapes(64, train_size, 256, 0)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(("layer2", "layer3", "layer4", "fc")))
     frozen_norms = [m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
@@ -329,7 +331,7 @@ def hand_loop(epochs: int, train_size: int) -> float:
         for m in frozen_norms:
             m.eval()
         for idx in batches(len(train), 32, 0, epoch):
-            loss = F.cross_entropy(model(normalize(train.images[idx])), train.labels[idx])
+            loss = F.cross_entropy(model(normalize(train.images[idx], mean, std)), train.labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -337,7 +339,7 @@ def hand_loop(epochs: int, train_size: int) -> float:
         model.eval()
         with torch.no_grad():
             for idx in batches(len(val), 32, 0, 0, shuffle=False):
-                model(normalize(val.images[idx]))
+                model(normalize(val.images[idx], mean, std))
     return time.perf_counter() - start
 
 

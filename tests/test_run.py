@@ -60,7 +60,8 @@ def test_quickstart_trains_clearly_above_chance(tmp_path):
 def test_run_directory_holds_everything(tmp_path):
     out = tmp_path / "run"
     result = run(loads(SMALL, "small.yaml"), output=out, quiet=True)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "recipe.yaml", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "curves.png", "data_config.json", "metrics.jsonl",
+                                                     "model", "model-best", "recipe.yaml", "summary.md"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     again = load(out / "recipe.yaml")
     assert again.model_dump() == loads(SMALL, "small.yaml").model_dump() | {"name": "small"}

@@ -6,6 +6,7 @@ Every problem found is reported at once, each at its line.
 
 from __future__ import annotations
 
+import pickle
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, DeadRuleWarning, FreezekitError, NoMatchError, closest
 from ..index import ModelIndex
-from ..labels import SHAPES, classes_in
+from ..labels import CIFAR, SHAPES, cifar_classes, classes_in
 from ..models import WEIGHT_ARGUMENTS, build_for_inspection
 from ..optim import param_groups, sync_optimizer
 from ..plan import Plan
@@ -74,26 +75,39 @@ class _Collector:
 
 
 def _classes(recipe: Recipe, out: _Collector) -> list[str]:
-    if recipe.data.kind == "shapes":
+    kind = recipe.data.kind
+    if kind == "shapes":
         if recipe.data.path is not None:
             out.add("data.path", "shapes is built in and takes no path (remove it, or use kind: image_folder)")
         return list(SHAPES)
     if recipe.data.path is None:
-        out.add("data.path", "image_folder needs a path: PATH/train/CLASS/*.png and PATH/val/CLASS/*.png")
+        out.add("data.path", f"{kind} needs a path: " + ("PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg, or "
+                "PATH/CLASS/*.jpg" if kind == "image_folder" else "the folder holding CIFAR's python batches"))
         return []
     root = Path(recipe.data.path).expanduser()
     if not root.is_dir():
         out.add("data.path", f"folder {str(root)!r} does not exist")
         return []
-    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
-    if missing:
-        out.add("data.path", f"{str(root)!r} has no {' or '.join(missing)} folder (expected PATH/train/CLASS/*.png "
-                             "and PATH/val/CLASS/*.png)")
-        return []
-    train, val = classes_in(root / "train"), classes_in(root / "val")
-    if not train:
+    if kind in CIFAR:
+        try:
+            return cifar_classes(kind, root)
+        except (OSError, pickle.UnpicklingError, KeyError, EOFError) as e:
+            out.add("data.path", f"{str(root)!r} holds no readable {kind} batches ({e}); expected the python "
+                                 f"version's files, e.g. {CIFAR[kind][0]}/{CIFAR[kind][3]}")
+            return []
+    if not (root / "train").is_dir():
+        classes = classes_in(root)
+        if not classes:
+            out.add("data.path", f"{str(root)!r} has no class folders (expected PATH/train/CLASS/*.jpg and "
+                                 "PATH/val/CLASS/*.jpg, or PATH/CLASS/*.jpg)")
+        return classes
+    train = classes_in(root / "train")
+    if not (root / "val").is_dir():
+        out.add("data.path", f"{str(root)!r} has a train folder but no val folder (expected PATH/train/CLASS/*.jpg "
+                             "and PATH/val/CLASS/*.jpg)")
+    elif not train:
         out.add("data.path", f"{str(root / 'train')!r} has no class folders")
-    elif train != val:
+    elif train != (val := classes_in(root / "val")):
         out.add("data.path", f"train and val classes differ: {train} vs {val}")
     return train
 

@@ -25,10 +25,27 @@ class Model(_Section):
 
 
 class Data(_Section):
-    kind: Literal["shapes", "image_folder"] = Field("shapes", description="built-in shapes, or an image folder")
-    path: str | None = Field(None, description="image_folder: PATH/train/CLASS/*.png and PATH/val/CLASS/*.png")
-    image_size: int = Field(64, ge=8, le=1024, description="side of the square images fed to the model")
-    augment: StrictBool = Field(False, description="random crop (4px padding) and horizontal flip for training")
+    kind: Literal["shapes", "image_folder", "cifar10", "cifar100"] = Field(
+        "shapes", description="built-in shapes, an image folder, or CIFAR's python batches in a local folder")
+    path: str | None = Field(None, description="image_folder: PATH/train/CLASS/* and PATH/val/CLASS/*, or PATH/CLASS/*"
+                                               " split by val_fraction; cifar10/100: the folder holding the batches")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="image_folder without train/val: each class's share "
+                                                              "held out for validation, drawn from the seed")
+    image_size: int | None = Field(None, ge=8, le=1024, description="input side; default: the model's (shapes: 64)")
+    mean: list[float] | None = Field(None, min_length=3, max_length=3, description="default: the model's")
+    std: list[float] | None = Field(None, min_length=3, max_length=3, description="default: the model's")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(None, description="default: the model's")
+    crop_pct: float | None = Field(None, gt=0, le=1, description="evaluation: centre crop of the resized image; "
+                                                                  "default: the model's")
+    augment: StrictBool = Field(False, description="training: random resized crop and flip (shapes: 4px shift "
+                                                   "and flip)")
+    auto_augment: str | None = Field(None, description="with augment: timm's policy, e.g. rand-m9-mstd0.5")
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (0: off), drawn from (seed, epoch, step)")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0: off)")
+    workers: int | None = Field(None, ge=0, description="decoding processes per training process; default: the "
+                                                         "cores allow (0 for shapes)")
+    on_error: Literal["fail", "skip"] = Field("fail", description="an unreadable image: stop naming it, or skip it "
+                                                                  "(and say so)")
     train_size: int = Field(1024, ge=1, description="shapes: training images drawn")
     val_size: int = Field(256, ge=1, description="shapes: validation images drawn")
 
@@ -56,10 +73,19 @@ class Train(_Section):
     epochs: int = Field(5, ge=1, description="passes over the training data")
     batch_size: int = Field(32, ge=1, description="images per step, per process under torchrun")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU with bf16")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="autocast; fp16 with a gradient "
+                                                                   "scaler; auto: bf16 on a GPU with bf16")
+    channels_last: StrictBool = Field(False, description="channels-last memory format (faster convolutions on GPUs)")
+    compile: StrictBool = Field(False, description="torch.compile the model (recompiled when a phase changes what "
+                                                   "trains)")
     cache_features: Literal["auto", True, False] = Field("auto", description="reuse a frozen backbone's features")
     strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="under torchrun: ddp (auto) or fsdp")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    checkpoint_every: int | None = Field(None, ge=1, description="also write checkpoints/last.pt every this many "
+                                                                 "steps (a resume goes on from that step)")
+    loggers: list[Literal["jsonl", "tensorboard"]] = Field(["jsonl"], description="metrics.jsonl always; "
+                                                           "tensorboard: also RUN/tensorboard (the extra)")
 
 
 class Output(_Section):

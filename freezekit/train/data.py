@@ -1,6 +1,4 @@
-"""Data for the runner: the built-in ``shapes`` images and ``image_folder``, batched in an order
-that depends only on (seed, epoch), with augmentation drawn from (seed, epoch, step) -- so a
-resumed run sees exactly the batches an uninterrupted one would.
+"""The built-in ``shapes`` data, drawn in memory, and the normalization of uint8 batches.
 
 ``shapes`` draws three classes -- circle, square, triangle -- of random size, place and colour
 over a noisy background: built in, seedable, nothing to download, and hard enough that a
@@ -15,20 +13,13 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ..labels import SHAPES, classes_in
+from ..labels import SHAPES
 
-__all__ = ["SHAPES", "Split", "augment", "batches", "classes_in", "image_folder", "normalize", "shapes"]
-
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+__all__ = ["SHAPES", "Split", "normalize", "shapes"]
 
 
 @dataclass
@@ -67,55 +58,8 @@ def shapes(image_size: int, train_size: int, val_size: int, seed: int) -> tuple[
     return _draw(train_size, image_size, generator), _draw(val_size, image_size, generator), list(SHAPES)
 
 
-def _read(folder: Path, classes: list[str], size: int) -> Split:
-    from PIL import Image
-
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((folder / name).rglob("*")):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(file) as img:
-                    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-                    images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-                                  .view(size, size, 3).permute(2, 0, 1))
-                labels.append(label)
-    if not images:
-        raise ValueError(f"no images in {folder}")
-    return Split(torch.stack(images), torch.tensor(labels))
-
-
-def image_folder(path: str | Path, image_size: int) -> tuple[Split, Split, list[str]]:
-    """``PATH/train/CLASS/*`` and ``PATH/val/CLASS/*``, resized to ``image_size`` and held in memory."""
-    root = Path(path)
-    classes = classes_in(root / "train")
-    return _read(root / "train", classes, image_size), _read(root / "val", classes, image_size), classes
-
-
-def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True, rank: int = 0,
-            world: int = 1) -> list[torch.Tensor]:
-    """Index batches of one epoch: a permutation drawn from (seed, epoch), cut into batches. With
-    ``world`` processes, rank ``rank`` takes every ``world``-th index, the permutation padded with
-    its own start (as ``DistributedSampler`` does) so that every rank makes as many steps."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)) if shuffle \
-        else torch.arange(n)
-    if world > 1:
-        total = math.ceil(n / world) * world
-        order = torch.cat([order, order[: total - n]])[rank::world]
-    return list(order.split(batch_size))
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float, normalized with ImageNet statistics (what pretrained models expect)."""
-    return (images.float() / 255 - MEAN.to(images.device)) / STD.to(images.device)
-
-
-def augment(images: torch.Tensor, seed: int, epoch: int, step: int) -> torch.Tensor:
-    """Random crop with 4-pixel padding and horizontal flip, drawn from (seed, epoch, step)."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
-    n, _, h, w = images.shape
-    shifts = torch.randint(0, 9, (n, 2), generator=generator).tolist()
-    flips = (torch.rand(n, generator=generator) < 0.5).tolist()
-    padded = F.pad(images, (4, 4, 4, 4), mode="reflect")
-    out = torch.stack([padded[i, :, dy: dy + h, dx: dx + w] for i, (dy, dx) in enumerate(shifts)])
-    flip = torch.tensor(flips, device=images.device)
-    return torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
+def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 images -> float, normalized with ``mean`` and ``std`` (per channel, in 0..1 units)."""
+    mean_ = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std_ = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean_) / std_

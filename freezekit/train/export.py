@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from timm.data import resolve_data_config
@@ -93,6 +94,9 @@ def export(model: nn.Module, source: str, folder: Path, data_config: dict[str, A
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
         _replace(tmp, folder)
+    except SafetensorError as e:  # a full disk, a file size limit: said as the OSError it is
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"cannot write {folder / WEIGHTS}: {e}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -107,8 +111,13 @@ def _save_timm(plain: nn.Module, source: str, folder: Path, data_config: dict[st
     if plain.num_classes != len(classes):
         raise ValueError(f"export(): model {source!r} has {plain.num_classes} outputs, but {len(classes)} classes "
                          f"were given")
+    # timm's own writer, through its torch format: its safetensors path refuses channels-last tensors
     save_for_hf(plain, str(folder), model_config={"label_names": classes}, data_config=data_config,
-                safe_serialization=True)
+                safe_serialization=False)
+    torch_file = folder / "pytorch_model.bin"
+    tensors = torch.load(torch_file, weights_only=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS))
+    torch_file.unlink()
 
 
 def _replace(tmp: Path, folder: Path) -> None:

@@ -3,10 +3,13 @@
 It calls the library as a user would -- the recipe's ``policy`` through :class:`~freezekit.Policy`,
 its phases through :class:`~freezekit.Schedule`, the optimizer through
 :func:`~freezekit.param_groups` -- and holds no freezing logic of its own. A run directory gets the
-resolved ``recipe.yaml``, ``metrics.jsonl`` (a JSON object per line), ``summary.md`` (the frozen
-layers of each phase) and ``checkpoints/last.pt`` / ``best.pt``, written atomically and holding
-everything a resumed run needs to end with the same weights as an uninterrupted one. Tests kill it
-at precise points (a step, a phase, a checkpoint write) through :mod:`freezekit.train.faults`.
+resolved ``recipe.yaml`` and ``data_config.json`` (the preprocessing), the records of
+:mod:`~freezekit.train.records` (``metrics.jsonl``, ``summary.md``, ``curves.png``),
+``checkpoints/last.pt`` / ``best.pt``, written atomically and holding everything a resumed run needs
+to end with the same weights as an uninterrupted one (at an epoch's end, or every
+``train.checkpoint_every`` steps), and ``model/`` / ``model-best/``: the fine-tuned model as timm or
+torchvision loads it (:mod:`~freezekit.train.export`). Tests kill it at precise points (a step, a
+phase, a checkpoint write) through :mod:`freezekit.train.faults`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 import warnings
 from contextlib import nullcontext
@@ -32,9 +34,8 @@ from ..freeze_state import State, state, state_dict
 from ..recipe import Recipe, check
 from ..recipe.check import optimizer_rules
 from ..schedule import Event, Schedule
-from ..summary_table import summary
 from . import checkpoint as ckpt
-from .data import augment, batches, normalize
+from .data import normalize
 from .distributed import (
     barrier,
     check_in_sync,
@@ -45,10 +46,15 @@ from .distributed import (
     world,
     wrap_ddp,
 )
+from .export import export
 from .faults import kill_at
 from .features import FeatureCache, why_not_cacheable
+from .loader import Batch, EpochBatches, default_workers, image_seed, loader
+from .preprocess import data_config
 from .progress import Reporter
+from .records import Records
 from .setup import RunError, WarmupThen, build_model, build_optimizer, load_data, resolve_device
+from .sources import drawn_from
 
 __all__ = ["RunError", "RunResult", "run"]
 
@@ -81,45 +87,61 @@ class _Run:
         self.strategy = "single" if not self.world.distributed else ("fsdp" if strategy == "fsdp" else "ddp")
         if strategy == "fsdp" and not self.world.distributed:
             reporter.say("note: train.strategy fsdp shards across processes; run under torchrun to use it")
+        self.records = Records(out, self.world.main, recipe.train.loggers)
         torch.manual_seed(recipe.seed)
-        self.train_set, self.val_set, self.classes = load_data(recipe)
         self.model = build_model(recipe, prepared.num_classes, allow_import, reporter.say)
+        self.data_config = data_config(recipe, self.model)
+        self.train_set, self.val_set, self.classes = load_data(recipe, self.data_config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeadRuleWarning)
             prepared.policy.apply(self.model)
-        self.model.to(self.device)
+        self.model.to(self.device, memory_format=torch.channels_last if recipe.train.channels_last else None)
         if self.strategy == "fsdp":
             shard(self.model)  # before the optimizer: sharding makes new parameter objects
         self.optimizer = build_optimizer(recipe, self.model)
-        self.steps_per_epoch = len(self.batches(0))
+        d, batch_size = recipe.data, recipe.train.batch_size
+        workers = d.workers if d.workers is not None else \
+            0 if d.kind == "shapes" else default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.order = EpochBatches(len(self.train_set), batch_size, recipe.seed, True, self.world.rank, self.world.size)
+        self.val_order = EpochBatches(len(self.val_set), batch_size, recipe.seed, shuffle=False)
+        pin = self.device.type == "cuda"
+        self.train_loader = loader(self.train_set, self.order, workers, pin)
+        self.val_loader = loader(self.val_set, self.val_order, workers, pin)
+        self.steps_per_epoch = len(self.order)
         total = recipe.train.epochs * self.steps_per_epoch
         shape = WarmupThen(round(recipe.optimizer.warmup_epochs * self.steps_per_epoch), total,
                            recipe.optimizer.scheduler)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, shape)
-        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        self.autocast = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and bf16)
+        precision = recipe.train.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.mixup = _mixup(recipe, len(self.classes))
         self.epoch, self.step, self.best = 0, 0, -1.0
+        self.batch, self.sums = 0, [0.0, 0, 0]  # where the epoch goes on from: batches done, (loss, correct, seen)
+        self.skipped: set[str] = set()
         self.cache: FeatureCache | None = None
-        self.engine: nn.Module = self.model  # what the training forward calls: the model, or its DDP wrapper
-
-    def batches(self, epoch: int) -> list[torch.Tensor]:
-        """This rank's training batches of ``epoch`` (each ``batch_size``: per process under torchrun)."""
-        return batches(len(self.train_set), self.recipe.train.batch_size, self.recipe.seed, epoch,
-                       rank=self.world.rank, world=self.world.size)
+        self.ddp: nn.Module | None = None
+        self.engine: nn.Module = self.model  # what the training forward calls: the model, its DDP wrapper, compiled
 
     def wrap(self) -> None:
         """(Re)build the DDP wrapper for what trains now: a wrapper built earlier would never
-        all-reduce parameters unfrozen since."""
+        all-reduce parameters unfrozen since. With ``train.compile``, the engine is compiled
+        (torch.compile guards on ``requires_grad``: a phase that changes it recompiles)."""
         if self.strategy == "ddp":
-            self.engine = wrap_ddp(self.model, self.device, previous=self.engine if self.engine is not self.model
-                                   else None)
+            self.ddp = wrap_ddp(self.model, self.device, previous=self.ddp)
+        if self.recipe.train.compile:
+            self.engine = torch.compile(self.ddp or self.model)
+        else:
+            self.engine = self.ddp or self.model
 
     def verify_in_sync(self, why: str) -> None:
         if not self.world.distributed:
             return
         first = check_in_sync(self.world, self.model)
-        self.record({"epoch": self.epoch, "step": self.step, "event": "sync_check", "after": why,
-                     "ranks_in_sync": first is None, "world_size": self.world.size})
+        self.records.add({"epoch": self.epoch, "step": self.step, "event": "sync_check", "after": why,
+                          "ranks_in_sync": first is None, "world_size": self.world.size})
         if first is not None:
             raise RunError(f"ranks out of sync after {why}: {first} differs between ranks")
 
@@ -131,13 +153,29 @@ class _Run:
         return f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
 
     def payload(self) -> dict[str, Any]:
+        """Everything a resumed run needs; ``batch`` is None at an epoch's end, else the batches of
+        ``epoch`` done (and ``sums`` their loss, correct and seen)."""
         model_state, optimizer_state = full_state(self.model, self.optimizer, self.strategy == "fsdp")
         return {"format": "freezekit-run", "version": 1, "epoch": self.epoch, "step": self.step, "best": self.best,
+                "batch": self.batch or None, "sums": self.sums,
                 "model": model_state, "optimizer": optimizer_state,
-                "scheduler": self.scheduler.state_dict(), "freezekit": state_dict(self.model),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "freezekit": state_dict(self.model),
                 "schedule": self.schedule.state_dict(), "random": ckpt.random_states(),
                 "world_size": self.world.size, "strategy": self.strategy,
                 "recipe": self.recipe.model_dump(mode="json")}
+
+    def save(self, best: bool = False) -> None:
+        """Write ``last.pt`` (and ``best.pt`` first, when ``best``): every rank gathers, the main one writes."""
+        payload = self.payload()  # every rank: gathering FSDP2 shards is collective
+        folder = self.out / "checkpoints"
+        if self.world.main:  # best.pt first: stopped between the two, the epoch runs again and rewrites both
+            if best:
+                ckpt.save(payload, folder / "best.pt")
+                ckpt.copy(folder / "best.pt", folder / "last.pt")
+            else:
+                ckpt.save(payload, folder / "last.pt")
+        barrier(self.world)
 
     def restore(self, path: Path) -> None:
         saved = ckpt.load(path)
@@ -163,15 +201,22 @@ class _Run:
             raise RunError(f"replaying the schedule did not give the freeze state saved in {path}")
         load_full_state(self.model, self.optimizer, saved["model"], saved["optimizer"], self.strategy == "fsdp")
         self.scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
         ckpt.restore_random_states(saved["random"])
-        self.epoch, self.step, self.best = saved["epoch"] + 1, saved["step"], saved["best"]
+        self.step, self.best = saved["step"], saved["best"]
+        if saved.get("batch"):  # written mid-epoch: that epoch goes on
+            self.epoch, self.batch, self.sums = saved["epoch"], saved["batch"], saved["sums"]
+        else:
+            self.epoch = saved["epoch"] + 1
 
     # -- training
 
     def _cache_state(self) -> None:
         """Start, keep or drop the feature cache for the model as it is now."""
-        wanted = self.recipe.train.cache_features
-        reason = why_not_cacheable(self.model, self.recipe.data.augment) if wanted is not False else "off"
+        wanted, d = self.recipe.train.cache_features, self.recipe.data
+        drawn = d.augment or self.mixup is not None
+        reason = why_not_cacheable(self.model, drawn) if wanted is not False else "off"
         if reason is None and self.world.distributed:
             reason = "under torchrun the head's gradients must go through DDP"
         if reason is not None:
@@ -186,7 +231,30 @@ class _Run:
             self._fill_cache()
 
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+
+    def _readable(self, batch: Batch) -> Batch:
+        """The batch, after reporting its unreadable images: the run stops at the first, or skips
+        each (once said), as ``data.on_error`` asks."""
+        for bad in batch.unreadable:
+            if self.recipe.data.on_error == "fail":
+                raise RunError(f"cannot read {bad.path} ({bad.reason}); fix or remove it, or set data.on_error: "
+                               f"skip")
+            if bad.path not in self.skipped:
+                self.skipped.add(bad.path)
+                self.reporter.say(f"skipped unreadable image {bad.path} ({bad.reason})")
+                self.records.add({"epoch": self.epoch, "step": self.step, "event": "skipped", "path": bad.path,
+                                  "reason": bad.reason})
+        if not len(batch.labels):
+            raise RunError(f"every image of a batch at epoch {self.epoch} step {self.step} is unreadable "
+                           f"({', '.join(b.path for b in batch.unreadable[:3])}, ...)")
+        return batch
+
+    def _inputs(self, batch: Batch) -> torch.Tensor:
+        images = batch.images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:  # shapes: normalized here, a batch at a time
+            images = normalize(images, self.data_config["mean"], self.data_config["std"])
+        return images.contiguous(memory_format=torch.channels_last) if self.recipe.train.channels_last else images
 
     @torch.no_grad()
     def _fill_cache(self) -> None:
@@ -194,55 +262,73 @@ class _Run:
         whether the run is fresh or resumed."""
         self.model.eval()
         offset = 0
-        for split in (self.train_set, self.val_set):
-            for idx in batches(len(split), self.recipe.train.batch_size, self.recipe.seed, 0, shuffle=False):
-                with self.cache.capture(idx + offset), self._autocast():
-                    self.model(normalize(split.images[idx].to(self.device)))
-            offset += len(split)
+        for dataset in (self.train_set, self.val_set):
+            order = EpochBatches(len(dataset), self.recipe.train.batch_size, self.recipe.seed, shuffle=False)
+            for batch in loader(dataset, order, self.train_loader.num_workers, False):
+                batch = self._readable(batch)
+                with self.cache.capture(batch.indices + offset), self._autocast():
+                    self.model(self._inputs(batch))
+            offset += len(dataset)
 
-    def _forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch: the head on cached features when there is a cache, else a full pass.
-        ``indices`` count validation samples after the training ones."""
-        with self._autocast():
-            if self.cache is not None:
-                return self.cache.head(self.cache.features(indices))
-            return logits_of(self.engine(normalize(images.to(self.device))))
+    def _batches(self) -> Any:
+        """This epoch's training batches from where it goes on; with a feature cache, no image is read."""
+        self.order.set_epoch(self.epoch, self.batch)
+        if self.cache is None:
+            return self.train_loader
+        labels = self.train_set.labels
+        return (Batch(torch.empty(0), torch.tensor([labels[i] for i, _ in keys]), torch.tensor([i for i, _ in keys]),
+                      []) for keys in self.order)
 
     def train_epoch(self) -> dict[str, float]:
         recipe, model = self.recipe, self.model
-        order = self.batches(self.epoch)
-        cached = self.cache is not None
-        self.reporter.start_epoch(self.epoch, recipe.train.epochs, len(order), cached)
+        self.reporter.start_epoch(self.epoch, recipe.train.epochs, self.steps_per_epoch, self.cache is not None)
         model.train()
-        total_loss, correct, seen = 0.0, 0, 0
-        for i, idx in enumerate(order):
+        for batch in self._batches():
             events = self.schedule.update(model, self.optimizer, step=self.step, scheduler=self.scheduler,
                                           **self.groups)
             if events:
                 self.phase_changed(events)
-            images = self.train_set.images[idx]
-            if recipe.data.augment:
-                images = augment(images, recipe.seed, self.epoch, i)
-            labels = self.train_set.labels[idx].to(self.device)
-            logits = self._forward(images, idx)
-            loss = F.cross_entropy(logits.float(), labels)
+            batch = self._readable(batch)
+            labels = batch.labels.to(self.device, non_blocking=True)
+            with self._autocast():
+                if self.cache is not None:
+                    logits = self.cache.head(self.cache.features(batch.indices))
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.train.label_smoothing)
+                else:
+                    images, targets = self._mixed(self._inputs(batch), labels)
+                    logits = logits_of(self.engine(images))
+                    loss = _loss(logits.float(), targets, recipe.train.label_smoothing)
             if not torch.isfinite(loss):
                 raise RunError(f"the loss is {loss.item()} at epoch {self.epoch} step {self.step}; {self.last_good()}")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
             if recipe.train.grad_clip:
+                self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.train.grad_clip)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
             kill_at("step", self.step)
             self.step += 1
-            n = len(idx)
-            total_loss += loss.item() * n
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += n
-            self.reporter.step(total_loss / seen, correct / seen)
-        total_loss, correct, seen = reduce_sums(self.world, [total_loss, correct, seen])
+            self.batch += 1
+            n = len(labels)
+            self.sums = [self.sums[0] + loss.item() * n, self.sums[1] + int((logits.argmax(1) == labels).sum()),
+                         self.sums[2] + n]
+            self.reporter.step(self.sums[0] / self.sums[2], self.sums[1] / self.sums[2])
+            every = recipe.train.checkpoint_every
+            if every and self.step % every == 0 and self.batch < self.steps_per_epoch:
+                self.save()
+        total_loss, correct, seen = reduce_sums(self.world, self.sums)
+        self.batch, self.sums = 0, [0.0, 0, 0]
         return {"loss": total_loss / seen, "accuracy": correct / seen}
+
+    def _mixed(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup / cutmix of the batch, drawn from (seed, epoch, step); an odd batch (timm mixes
+        pairs) is left as it is."""
+        if self.mixup is None or len(images) % 2:
+            return images, labels
+        with drawn_from(image_seed(self.recipe.seed, self.epoch, -1 - self.step)):
+            return self.mixup(images, labels)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -250,43 +336,58 @@ class _Run:
         collective per batch except FSDP2's, which all ranks then make alike)."""
         self.model.eval()
         offset = len(self.train_set)
-        total_loss, correct = 0.0, 0
-        for idx in batches(len(self.val_set), self.recipe.train.batch_size, self.recipe.seed, 0, shuffle=False):
-            labels = self.val_set.labels[idx].to(self.device)
+        total_loss, correct, seen = 0.0, 0, 0
+        self.val_order.set_epoch(0)
+        batches = (Batch(torch.empty(0), torch.tensor([self.val_set.labels[i] for i, _ in keys]),
+                         torch.tensor([i for i, _ in keys]), []) for keys in self.val_order) \
+            if self.cache is not None else self.val_loader
+        for batch in batches:
+            batch = self._readable(batch)
+            labels = batch.labels.to(self.device)
             with self._autocast():
-                logits = self.cache.head(self.cache.features(idx + offset)) if self.cache is not None else \
-                    logits_of(self.model(normalize(self.val_set.images[idx].to(self.device))))
+                logits = self.cache.head(self.cache.features(batch.indices + offset)) if self.cache is not None \
+                    else logits_of(self.model(self._inputs(batch)))
             total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             correct += int((logits.argmax(1) == labels).sum())
-        n = len(self.val_set)
-        return {"loss": total_loss / n, "accuracy": correct / n}
+            seen += len(labels)
+        return {"loss": total_loss / seen, "accuracy": correct / seen}
 
     # -- records
-
-    def record(self, item: dict[str, Any]) -> None:
-        if not self.world.main:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(item) + "\n")
 
     def phase_changed(self, events: list[Event]) -> None:
         for event in events:
             self.reporter.say(str(event))
-            self.record({"epoch": self.epoch, "step": self.step, "event": "phase", "phase": event.phase,
-                         "changes": event.changes, "added": len(event.sync.added)})
-        self.write_summary(f"phase {events[-1].phase} ({events[-1].unit} {events[-1].at})")
+            self.records.add({"epoch": self.epoch, "step": self.step, "event": "phase", "phase": event.phase,
+                              "changes": event.changes, "added": len(event.sync.added)})
+        self.records.summary(f"phase {events[-1].phase} ({events[-1].unit} {events[-1].at})", self.model,
+                             self.epoch, self.step)
         self._cache_state()
         self.wrap()
         self.verify_in_sync(f"phase {events[-1].phase}")
         for event in events:
             kill_at("phase", event.phase)
 
-    def write_summary(self, title: str) -> None:
-        if not self.world.main:
-            return
-        table = summary(self.model)
-        with open(self.out / "summary.md", "a") as f:
-            f.write(f"## {title}, from epoch {self.epoch} step {self.step}\n\n{table.to_markdown()}\n\n")
+    def export(self, name: str) -> None:
+        if self.world.main:
+            export(self.model, self.recipe.model.name, self.out / name, self.data_config, self.classes,
+                   model_args=self.recipe.model.kwargs)
+
+
+def _mixup(recipe: Recipe, num_classes: int) -> Any:
+    d = recipe.data
+    if not (d.mixup or d.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=recipe.train.label_smoothing,
+                 num_classes=num_classes)
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Cross-entropy against class labels, or against mixup's soft targets (smoothing already in them)."""
+    if targets.dtype.is_floating_point:
+        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, targets, label_smoothing=smoothing)
 
 
 def _prepare_output(out: Path, resume: bool) -> Path:
@@ -296,21 +397,6 @@ def _prepare_output(out: Path, resume: bool) -> Path:
     if not resume and (last.exists() or (out / "metrics.jsonl").exists()):
         raise RunError(f"{out} already holds a run; resume it with --resume, or choose another --output")
     return last
-
-
-def _trim_records(out: Path, epoch: int) -> None:
-    """Drop what a killed run recorded from ``epoch`` on, after its last checkpoint (it will be recorded
-    again): lines of ``metrics.jsonl``, sections of ``summary.md``."""
-    path = out / "metrics.jsonl"
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("epoch", 0) < epoch]
-        path.write_text("".join(line + "\n" for line in kept))
-    path = out / "summary.md"
-    if path.exists():
-        sections = re.split(r"(?m)^(?=## )", path.read_text())  # each "## TITLE, from epoch E step S"
-        path.write_text("".join(s for s in sections
-                                if not (head := re.match(r"## .*, from epoch (\d+) step \d+$", s, re.M))
-                                or int(head[1]) < epoch))
 
 
 def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, quiet: bool = False,
@@ -329,18 +415,30 @@ def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, 
         reporter.say(f"no checkpoint in {out} yet: starting {recipe.name} again from the beginning")
         resume = False
     r = _Run(recipe, out, tuple(allow_import), reporter)
+    try:
+        return _epochs(r, out, last, resume)
+    finally:
+        r.records.close()
+        if r.cache is not None:
+            r.cache.close()
+
+
+def _epochs(r: _Run, out: Path, last: Path, resume: bool) -> RunResult:
+    recipe, reporter = r.recipe, r.reporter
     if resume:
         r.restore(last)
         if r.world.main:
-            _trim_records(out, r.epoch)
+            r.records.trim(r.epoch, r.step)
             ckpt.clean(out / "checkpoints")
-        reporter.say(f"resuming {recipe.name} at epoch {r.epoch + 1}/{recipe.train.epochs} from {last}")
+        where = f"epoch {r.epoch + 1}/{recipe.train.epochs}" + (f" batch {r.batch + 1}" if r.batch else "")
+        reporter.say(f"resuming {recipe.name} at {where} from {last}")
     elif r.world.main:
-        _trim_records(out, 0)  # what a run stopped before its first checkpoint left
+        r.records.trim(0, 0)  # what a run stopped before its first checkpoint left
         ckpt.clean(out / "checkpoints")
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-        r.write_summary("start")
+        (out / "data_config.json").write_text(json.dumps(r.data_config, indent=2) + "\n")
+        r.records.summary("start", r.model, 0, 0)
     barrier(r.world)
     r._cache_state()
     r.wrap()
@@ -361,26 +459,21 @@ def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, 
         lr = r.optimizer.param_groups[0]["lr"]
         cached = r.cache is not None
         for split, values in (("train", train), ("val", val)):
-            r.record({"epoch": r.epoch, "split": split, **values, "step": r.step, "lr": lr, "seconds": seconds[split],
-                      "cached_features": cached})
+            r.records.add({"epoch": r.epoch, "split": split, **values, "step": r.step, "lr": lr,
+                           "seconds": seconds[split], "cached_features": cached})
         reporter.end_epoch(f"epoch {r.epoch + 1}/{recipe.train.epochs}: train loss {train['loss']:.4f} "
                            f"acc {train['accuracy']:.1%} | val loss {val['loss']:.4f} acc {val['accuracy']:.1%} "
                            f"| {sum(seconds.values()):.1f}s" + (" (cached features)" if cached else ""))
+        r.records.curves()
         if r.epoch == recipe.train.epochs - 1:
             r.verify_in_sync("the last epoch")
         improved = val["accuracy"] > r.best
         r.best = max(r.best, val["accuracy"])
-        payload = r.payload()  # every rank: gathering FSDP2 shards is collective
-        if r.world.main:  # best.pt first: stopped between the two, the epoch runs again and rewrites both
-            if improved:
-                ckpt.save(payload, out / "checkpoints" / "best.pt")
-                ckpt.copy(out / "checkpoints" / "best.pt", out / "checkpoints" / "last.pt")
-            else:
-                ckpt.save(payload, out / "checkpoints" / "last.pt")
-        barrier(r.world)
+        r.save(best=improved)
+        if improved:
+            r.export("model-best")
         final = {"train": train, "val": val}
         r.epoch += 1
-    if r.cache is not None:
-        r.cache.close()
+    r.export("model")
     reporter.say(f"done: best val accuracy {r.best:.1%}; {out}")
     return RunResult(out, recipe.train.epochs, r.best, final)

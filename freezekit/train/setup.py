@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Dataset
 
 from ..errors import FreezekitError
 from ..models import build
@@ -16,7 +17,9 @@ from ..optim import param_groups
 from ..recipe import Recipe
 from ..recipe.check import optimizer_rules
 from . import checkpoint as ckpt
-from .data import Split, image_folder, shapes
+from .data import shapes
+from .preprocess import transforms
+from .sources import IMAGE_SUFFIXES, Files, Pixels, cifar, image_folder
 
 __all__ = ["RunError", "WarmupThen", "build_model", "build_optimizer", "load_data", "resolve_device"]
 
@@ -46,11 +49,26 @@ def resolve_device(choice: str) -> str:
     return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def load_data(recipe: Recipe) -> tuple[Split, Split, list[str]]:
+def load_data(recipe: Recipe, config: dict[str, Any]) -> tuple[Dataset, Dataset, list[str]]:
+    """The training and validation datasets, preprocessed as ``config`` (:func:`.preprocess.data_config`)
+    says, and the class names. Image folders are listed, not read: images are decoded per batch."""
     d = recipe.data
     if d.kind == "shapes":
-        return shapes(d.image_size, d.train_size, d.val_size, recipe.seed)
-    return image_folder(Path(d.path).expanduser(), d.image_size)
+        size = config["input_size"][-1]
+        train, val, classes = shapes(size, d.train_size, d.val_size, recipe.seed)
+        return (Pixels(train.images, train.labels.tolist(), shift=4 if d.augment else 0),
+                Pixels(val.images, val.labels.tolist()), classes)
+    train_transform, eval_transform = transforms(config, recipe)
+    root = Path(d.path).expanduser()
+    if d.kind == "image_folder":
+        train, val, classes = image_folder(root, d.val_fraction, recipe.seed)
+        if not train or not val:
+            raise RunError(f"data.path: {str(root)!r} has no images for " + ("training" if not train else "validation")
+                           + f" (looked for {', '.join(IMAGE_SUFFIXES)} files below each class folder)")
+        return Files(train, train_transform), Files(val, eval_transform), classes
+    (train_images, train_labels), (val_images, val_labels), classes = cifar(d.kind, root)
+    return (Pixels(train_images, train_labels, train_transform), Pixels(val_images, val_labels, eval_transform),
+            classes)
 
 
 def build_model(recipe: Recipe, num_classes: int, allow_import: tuple[str, ...], say: Any) -> nn.Module:
