@@ -29,7 +29,7 @@ class _NumpyOnly(pickle.Unpickler):
 
     ALLOWED: ClassVar = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}  # bytes, as protocol 2 spells them
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:

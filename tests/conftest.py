@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from freezekit.train.checkpoint import load as load_checkpoint
+
 
 def tv_resnet(name: str = "resnet18", num_classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
@@ -151,3 +153,37 @@ def vit() -> nn.Module:
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+# -- comparing two runs of the runner
+
+
+def records(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensors(value) -> list[torch.Tensor]:
+    """Every tensor in a nested state dict, in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k in sorted(value, key=str) for t in tensors(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors(v)]
+    return []
+
+
+def assert_same_run(expected: Path, got: Path) -> None:
+    """The same checkpoints to the bit (weights, optimizer, scheduler, schedule), the same records."""
+    assert sorted(p.name for p in (got / "checkpoints").iterdir()) == ["best.pt", "last.pt"]  # no temp file
+    for name in ("last.pt", "best.pt"):
+        a, b = load_checkpoint(expected / "checkpoints" / name), load_checkpoint(got / "checkpoints" / name)
+        assert (a["epoch"], a["step"], a["best"]) == (b["epoch"], b["step"], b["best"])
+        assert a["model"].keys() == b["model"].keys()
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+        ta, tb = tensors(a["optimizer"]), tensors(b["optimizer"])
+        assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb)), name
+        assert (a["scheduler"], a["schedule"], a["freezekit"]) == (b["scheduler"], b["schedule"], b["freezekit"])
+    assert records(expected) == records(got)
+    assert (expected / "summary.md").read_text() == (got / "summary.md").read_text()

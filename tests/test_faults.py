@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import os
 import pickle
 import random
@@ -26,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RunsCode
+from conftest import RunsCode, assert_same_run
 from typer.testing import CliRunner
 
 import freezekit.train.checkpoint as ckpt
@@ -59,37 +58,6 @@ def freezekit_run(out: Path, *extra: str, env: dict[str, str] | None = None,
 
 def invoke(out: Path, *extra: str):
     return cli.invoke(app, ["run", str(RECIPE), *SETS, "--output", str(out), "--quiet", *extra])
-
-
-def records(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def tensors(value) -> list[torch.Tensor]:
-    """Every tensor in a nested state dict, in a fixed order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for k in sorted(value, key=str) for t in tensors(value[k])]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tensors(v)]
-    return []
-
-
-def assert_same_run(expected: Path, got: Path) -> None:
-    """The same checkpoints to the bit (weights, optimizer, scheduler, schedule), the same records."""
-    assert sorted(p.name for p in (got / "checkpoints").iterdir()) == ["best.pt", "last.pt"]  # no temp file
-    for name in ("last.pt", "best.pt"):
-        a, b = load_checkpoint(expected / "checkpoints" / name), load_checkpoint(got / "checkpoints" / name)
-        assert (a["epoch"], a["step"], a["best"]) == (b["epoch"], b["step"], b["best"])
-        assert a["model"].keys() == b["model"].keys()
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
-        ta, tb = tensors(a["optimizer"]), tensors(b["optimizer"])
-        assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb)), name
-        assert (a["scheduler"], a["schedule"], a["freezekit"]) == (b["scheduler"], b["schedule"], b["freezekit"])
-    assert records(expected) == records(got)
-    assert (expected / "summary.md").read_text() == (got / "summary.md").read_text()
 
 
 def one_line_error(output: str) -> str:

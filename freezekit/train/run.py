@@ -245,9 +245,9 @@ class _Run:
                 self.reporter.say(f"skipped unreadable image {bad.path} ({bad.reason})")
                 self.records.add({"epoch": self.epoch, "step": self.step, "event": "skipped", "path": bad.path,
                                   "reason": bad.reason})
-        if not len(batch.labels):
+        if not len(batch.labels) and self.world.distributed:  # a rank that skipped a step would hang the others
             raise RunError(f"every image of a batch at epoch {self.epoch} step {self.step} is unreadable "
-                           f"({', '.join(b.path for b in batch.unreadable[:3])}, ...)")
+                           f"({', '.join(b.path for b in batch.unreadable[:3])}); under torchrun, fix or remove them")
         return batch
 
     def _inputs(self, batch: Batch) -> torch.Tensor:
@@ -264,8 +264,9 @@ class _Run:
         offset = 0
         for dataset in (self.train_set, self.val_set):
             order = EpochBatches(len(dataset), self.recipe.train.batch_size, self.recipe.seed, shuffle=False)
-            for batch in loader(dataset, order, self.train_loader.num_workers, False):
-                batch = self._readable(batch)
+            for batch in map(self._readable, loader(dataset, order, self.train_loader.num_workers, False)):
+                if not len(batch.labels):
+                    continue
                 with self.cache.capture(batch.indices + offset), self._autocast():
                     self.model(self._inputs(batch))
             offset += len(dataset)
@@ -289,6 +290,10 @@ class _Run:
             if events:
                 self.phase_changed(events)
             batch = self._readable(batch)
+            if not len(batch.labels):  # nothing readable in it: the step is skipped, its place kept
+                self.step, self.batch = self.step + 1, self.batch + 1
+                self.scheduler.step()
+                continue
             labels = batch.labels.to(self.device, non_blocking=True)
             with self._autocast():
                 if self.cache is not None:
@@ -341,8 +346,9 @@ class _Run:
         batches = (Batch(torch.empty(0), torch.tensor([self.val_set.labels[i] for i, _ in keys]),
                          torch.tensor([i for i, _ in keys]), []) for keys in self.val_order) \
             if self.cache is not None else self.val_loader
-        for batch in batches:
-            batch = self._readable(batch)
+        for batch in map(self._readable, batches):
+            if not len(batch.labels):
+                continue
             labels = batch.labels.to(self.device)
             with self._autocast():
                 logits = self.cache.head(self.cache.features(batch.indices + offset)) if self.cache is not None \
