@@ -31,6 +31,7 @@ def root(
 
 
 from . import check as _check  # noqa: E402  (commands register on the app above)
+from . import eval as _eval  # noqa: E402
 from . import predict as _predict  # noqa: E402
 from . import recipes as _recipes  # noqa: E402
 from . import run as _run  # noqa: E402
@@ -41,6 +42,7 @@ app.command("check")(_check.command)
 app.command("summary")(_summary.command)
 app.command("recipes")(_recipes.command)
 app.command("predict")(_predict.command)
+app.command("eval")(_eval.command)
 
 
 def main() -> None:
