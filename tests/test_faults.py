@@ -29,8 +29,8 @@ from conftest import RunsCode, assert_same_run
 from typer.testing import CliRunner
 
 import freezekit.train.checkpoint as ckpt
+import freezekit.train.objective as objective_module
 import freezekit.train.records as records_module
-import freezekit.train.run as runner_module
 from freezekit.cli import app
 from freezekit.recipe import load
 from freezekit.train.checkpoint import load as load_checkpoint
@@ -244,7 +244,7 @@ def _poisoned(value: float, at: int):
 
 @pytest.mark.parametrize(("value", "step"), [(float("nan"), 3), (float("inf"), STEPS_PER_EPOCH + 2)])
 def test_a_loss_that_is_not_a_number_stops_the_run(value, step, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner_module, "F", _poisoned(value, step))
+    monkeypatch.setattr(objective_module, "F", _poisoned(value, step))
     out = tmp_path / "run"
     result = invoke(out)
     assert result.exit_code == 1

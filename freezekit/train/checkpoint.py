@@ -22,10 +22,26 @@ import torch
 from ..weights import CheckpointError, load, load_weights
 from .faults import kill_at
 
-__all__ = ["CheckpointError", "clean", "copy", "load", "load_weights", "random_states", "restore_random_states", "save"]
+__all__ = ["CheckpointError", "clean", "copy", "load", "load_run", "load_weights", "random_states",
+           "restore_random_states", "save"]
 
 # Fault injection for tests: seconds to pause between writing the temporary file and renaming it.
 _PAUSE_ENV = "FREEZEKIT_FAULT_CHECKPOINT_PAUSE"
+
+
+def load_run(path: Path) -> dict[str, Any]:
+    """A run's checkpoint, read and checked to be one this freezekit can resume from."""
+    saved = load(path)
+    if saved.get("format") != "freezekit-run":
+        raise CheckpointError(f"checkpoint {path} is not a freezekit run checkpoint")
+    if saved.get("version") != 1:
+        raise CheckpointError(f"checkpoint {path} has format version {saved.get('version')}, and this "
+                              f"freezekit reads version 1")
+    missing = sorted({"epoch", "step", "best", "model", "optimizer", "scheduler", "freezekit", "schedule",
+                      "random", "recipe"} - saved.keys())
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {', '.join(missing)}")
+    return saved
 
 
 def save(payload: dict[str, Any], path: Path) -> None:

@@ -35,7 +35,6 @@ from ..recipe import Recipe, check
 from ..recipe.check import optimizer_rules
 from ..schedule import Event, Schedule
 from . import checkpoint as ckpt
-from .data import normalize
 from .distributed import (
     barrier,
     check_in_sync,
@@ -49,12 +48,11 @@ from .distributed import (
 from .export import export
 from .faults import kill_at
 from .features import FeatureCache, why_not_cacheable
-from .loader import Batch, EpochBatches, default_workers, image_seed, loader
-from .preprocess import data_config
+from .feed import Feed
+from .objective import Objective
 from .progress import Reporter
 from .records import Records
-from .setup import RunError, WarmupThen, build_model, build_optimizer, load_data, resolve_device
-from .sources import drawn_from
+from .setup import RunError, WarmupThen, build_model, build_optimizer, resolve_device
 
 __all__ = ["RunError", "RunResult", "run"]
 
@@ -90,8 +88,6 @@ class _Run:
         self.records = Records(out, self.world.main, recipe.train.loggers)
         torch.manual_seed(recipe.seed)
         self.model = build_model(recipe, prepared.num_classes, allow_import, reporter.say)
-        self.data_config = data_config(recipe, self.model)
-        self.train_set, self.val_set, self.classes = load_data(recipe, self.data_config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeadRuleWarning)
             prepared.policy.apply(self.model)
@@ -99,15 +95,8 @@ class _Run:
         if self.strategy == "fsdp":
             shard(self.model)  # before the optimizer: sharding makes new parameter objects
         self.optimizer = build_optimizer(recipe, self.model)
-        d, batch_size = recipe.data, recipe.train.batch_size
-        workers = d.workers if d.workers is not None else \
-            0 if d.kind == "shapes" else default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        self.order = EpochBatches(len(self.train_set), batch_size, recipe.seed, True, self.world.rank, self.world.size)
-        self.val_order = EpochBatches(len(self.val_set), batch_size, recipe.seed, shuffle=False)
-        pin = self.device.type == "cuda"
-        self.train_loader = loader(self.train_set, self.order, workers, pin)
-        self.val_loader = loader(self.val_set, self.val_order, workers, pin)
-        self.steps_per_epoch = len(self.order)
+        self.feed = Feed(recipe, self.model, self.device, self.world.rank, self.world.size, self.note)
+        self.classes, self.steps_per_epoch = self.feed.classes, self.feed.steps_per_epoch
         total = recipe.train.epochs * self.steps_per_epoch
         shape = WarmupThen(round(recipe.optimizer.warmup_epochs * self.steps_per_epoch), total,
                            recipe.optimizer.scheduler)
@@ -117,13 +106,17 @@ class _Run:
             precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self.mixup = _mixup(recipe, len(self.classes))
+        self.objective = Objective(recipe, len(self.classes))
         self.epoch, self.step, self.best = 0, 0, -1.0
         self.batch, self.sums = 0, [0.0, 0, 0]  # where the epoch goes on from: batches done, (loss, correct, seen)
-        self.skipped: set[str] = set()
         self.cache: FeatureCache | None = None
         self.ddp: nn.Module | None = None
         self.engine: nn.Module = self.model  # what the training forward calls: the model, its DDP wrapper, compiled
+
+    def note(self, text: str, record: dict[str, Any]) -> None:
+        """Say ``text``, and record ``record`` at this point of the run."""
+        self.reporter.say(text)
+        self.records.add({"epoch": self.epoch, "step": self.step, **record})
 
     def wrap(self) -> None:
         """(Re)build the DDP wrapper for what trains now: a wrapper built earlier would never
@@ -178,16 +171,7 @@ class _Run:
         barrier(self.world)
 
     def restore(self, path: Path) -> None:
-        saved = ckpt.load(path)
-        if saved.get("format") != "freezekit-run":
-            raise ckpt.CheckpointError(f"checkpoint {path} is not a freezekit run checkpoint")
-        if saved.get("version") != 1:
-            raise ckpt.CheckpointError(f"checkpoint {path} has format version {saved.get('version')}, and this "
-                                       f"freezekit reads version 1")
-        missing = sorted({"epoch", "step", "best", "model", "optimizer", "scheduler", "freezekit", "schedule",
-                          "random", "recipe"} - saved.keys())
-        if missing:
-            raise ckpt.CheckpointError(f"checkpoint {path} is incomplete: it has no {', '.join(missing)}")
+        saved = ckpt.load_run(path)
         if saved["recipe"] != self.recipe.model_dump(mode="json"):
             changed = [k for k, v in self.recipe.model_dump(mode="json").items() if saved["recipe"].get(k) != v]
             raise RunError(f"the recipe changed since {path} was written ({', '.join(changed)}); resume with the "
@@ -215,7 +199,7 @@ class _Run:
     def _cache_state(self) -> None:
         """Start, keep or drop the feature cache for the model as it is now."""
         wanted, d = self.recipe.train.cache_features, self.recipe.data
-        drawn = d.augment or self.mixup is not None
+        drawn = d.augment or self.objective.mixup is not None
         reason = why_not_cacheable(self.model, drawn) if wanted is not False else "off"
         if reason is None and self.world.distributed:
             reason = "under torchrun the head's gradients must go through DDP"
@@ -227,69 +211,31 @@ class _Run:
                 self.cache = None
             return
         if self.cache is None:
-            self.cache = FeatureCache(self.model, len(self.train_set) + len(self.val_set))
+            self.cache = FeatureCache(self.model, len(self.feed.train_set) + len(self.feed.val_set))
             self._fill_cache()
 
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
-
-    def _readable(self, batch: Batch) -> Batch:
-        """The batch, after reporting its unreadable images: the run stops at the first, or skips
-        each (once said), as ``data.on_error`` asks."""
-        for bad in batch.unreadable:
-            if self.recipe.data.on_error == "fail":
-                raise RunError(f"cannot read {bad.path} ({bad.reason}); fix or remove it, or set data.on_error: "
-                               f"skip")
-            if bad.path not in self.skipped:
-                self.skipped.add(bad.path)
-                self.reporter.say(f"skipped unreadable image {bad.path} ({bad.reason})")
-                self.records.add({"epoch": self.epoch, "step": self.step, "event": "skipped", "path": bad.path,
-                                  "reason": bad.reason})
-        if not len(batch.labels) and self.world.distributed:  # a rank that skipped a step would hang the others
-            raise RunError(f"every image of a batch at epoch {self.epoch} step {self.step} is unreadable "
-                           f"({', '.join(b.path for b in batch.unreadable[:3])}); under torchrun, fix or remove them")
-        return batch
-
-    def _inputs(self, batch: Batch) -> torch.Tensor:
-        images = batch.images.to(self.device, non_blocking=True)
-        if images.dtype == torch.uint8:  # shapes: normalized here, a batch at a time
-            images = normalize(images, self.data_config["mean"], self.data_config["std"])
-        return images.contiguous(memory_format=torch.channels_last) if self.recipe.train.channels_last else images
 
     @torch.no_grad()
     def _fill_cache(self) -> None:
         """One pass over both splits in a fixed order, keeping the head's inputs: the same features
         whether the run is fresh or resumed."""
         self.model.eval()
-        offset = 0
-        for dataset in (self.train_set, self.val_set):
-            order = EpochBatches(len(dataset), self.recipe.train.batch_size, self.recipe.seed, shuffle=False)
-            for batch in map(self._readable, loader(dataset, order, self.train_loader.num_workers, False)):
-                if not len(batch.labels):
-                    continue
+        for batch, offset in self.feed.in_order():
+            if len(batch.labels):
                 with self.cache.capture(batch.indices + offset), self._autocast():
-                    self.model(self._inputs(batch))
-            offset += len(dataset)
-
-    def _batches(self) -> Any:
-        """This epoch's training batches from where it goes on; with a feature cache, no image is read."""
-        self.order.set_epoch(self.epoch, self.batch)
-        if self.cache is None:
-            return self.train_loader
-        labels = self.train_set.labels
-        return (Batch(torch.empty(0), torch.tensor([labels[i] for i, _ in keys]), torch.tensor([i for i, _ in keys]),
-                      []) for keys in self.order)
+                    self.model(self.feed.inputs(batch))
 
     def train_epoch(self) -> dict[str, float]:
         recipe, model = self.recipe, self.model
         self.reporter.start_epoch(self.epoch, recipe.train.epochs, self.steps_per_epoch, self.cache is not None)
         model.train()
-        for batch in self._batches():
+        for batch in self.feed.train(self.epoch, self.batch, self.cache is not None):
             events = self.schedule.update(model, self.optimizer, step=self.step, scheduler=self.scheduler,
                                           **self.groups)
             if events:
                 self.phase_changed(events)
-            batch = self._readable(batch)
             if not len(batch.labels):  # nothing readable in it: the step is skipped, its place kept
                 self.step, self.batch = self.step + 1, self.batch + 1
                 self.scheduler.step()
@@ -297,12 +243,11 @@ class _Run:
             labels = batch.labels.to(self.device, non_blocking=True)
             with self._autocast():
                 if self.cache is not None:
-                    logits = self.cache.head(self.cache.features(batch.indices))
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.train.label_smoothing)
+                    targets, logits = labels, self.cache.head(self.cache.features(batch.indices))
                 else:
-                    images, targets = self._mixed(self._inputs(batch), labels)
+                    images, targets = self.objective.mix(self.feed.inputs(batch), labels, self.epoch, self.step)
                     logits = logits_of(self.engine(images))
-                    loss = _loss(logits.float(), targets, recipe.train.label_smoothing)
+                loss = self.objective(logits.float(), targets)
             if not torch.isfinite(loss):
                 raise RunError(f"the loss is {loss.item()} at epoch {self.epoch} step {self.step}; {self.last_good()}")
             self.optimizer.zero_grad(set_to_none=True)
@@ -327,32 +272,20 @@ class _Run:
         self.batch, self.sums = 0, [0.0, 0, 0]
         return {"loss": total_loss / seen, "accuracy": correct / seen}
 
-    def _mixed(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixup / cutmix of the batch, drawn from (seed, epoch, step); an odd batch (timm mixes
-        pairs) is left as it is."""
-        if self.mixup is None or len(images) % 2:
-            return images, labels
-        with drawn_from(image_seed(self.recipe.seed, self.epoch, -1 - self.step)):
-            return self.mixup(images, labels)
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Every rank evaluates the whole validation set on the model itself (no wrapper, so no
         collective per batch except FSDP2's, which all ranks then make alike)."""
         self.model.eval()
-        offset = len(self.train_set)
+        offset = len(self.feed.train_set)
         total_loss, correct, seen = 0.0, 0, 0
-        self.val_order.set_epoch(0)
-        batches = (Batch(torch.empty(0), torch.tensor([self.val_set.labels[i] for i, _ in keys]),
-                         torch.tensor([i for i, _ in keys]), []) for keys in self.val_order) \
-            if self.cache is not None else self.val_loader
-        for batch in map(self._readable, batches):
+        for batch in self.feed.val(self.cache is not None):
             if not len(batch.labels):
                 continue
             labels = batch.labels.to(self.device)
             with self._autocast():
                 logits = self.cache.head(self.cache.features(batch.indices + offset)) if self.cache is not None \
-                    else logits_of(self.model(self._inputs(batch)))
+                    else logits_of(self.model(self.feed.inputs(batch)))
             total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
@@ -375,25 +308,8 @@ class _Run:
 
     def export(self, name: str) -> None:
         if self.world.main:
-            export(self.model, self.recipe.model.name, self.out / name, self.data_config, self.classes,
+            export(self.model, self.recipe.model.name, self.out / name, self.feed.config, self.classes,
                    model_args=self.recipe.model.kwargs)
-
-
-def _mixup(recipe: Recipe, num_classes: int) -> Any:
-    d = recipe.data
-    if not (d.mixup or d.cutmix):
-        return None
-    from timm.data import Mixup
-
-    return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=recipe.train.label_smoothing,
-                 num_classes=num_classes)
-
-
-def _loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Cross-entropy against class labels, or against mixup's soft targets (smoothing already in them)."""
-    if targets.dtype.is_floating_point:
-        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-    return F.cross_entropy(logits, targets, label_smoothing=smoothing)
 
 
 def _prepare_output(out: Path, resume: bool) -> Path:
@@ -443,7 +359,7 @@ def _epochs(r: _Run, out: Path, last: Path, resume: bool) -> RunResult:
         ckpt.clean(out / "checkpoints")
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-        (out / "data_config.json").write_text(json.dumps(r.data_config, indent=2) + "\n")
+        (out / "data_config.json").write_text(json.dumps(r.feed.config, indent=2) + "\n")
         r.records.summary("start", r.model, 0, 0)
     barrier(r.world)
     r._cache_state()

@@ -108,7 +108,8 @@ class Files(Dataset):
         try:
             with Image.open(path) as img, drawn_from(seed):
                 return self.transform(img.convert("RGB")), self.labels[index], index
-        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for a missing, truncated or bad file
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises for a
+            # missing, truncated, bad or absurdly large file
             return Unreadable(path, f"{type(e).__name__}: {e}")
 
 
