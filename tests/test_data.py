@@ -265,3 +265,17 @@ def test_curves_png_is_a_plot_of_the_run(tmp_path):
     loss = figure.axes[0]
     val = [r["loss"] for r in records(tmp_path / "run") if r.get("split") == "val"]
     assert any(list(line.get_ydata()) == val for line in loss.get_lines())
+
+
+def test_a_linear_probe_on_an_image_folder_is_the_same_with_cached_features(tmp_path):
+    data = shapes_folder(tmp_path / "data", train=32, val=16)
+    probe = folder_recipe(data).replace("augment: true, auto_augment: rand-m9-mstd0.5,", "augment: false,")
+    probe = probe.replace("{unfreeze: [layer4, fc]}", "{unfreeze: fc}").replace(
+        "schedule: [{at: 1, policy: [{unfreeze: layer3}]}]", "")
+    finals = {}
+    for cache in ("true", "false"):
+        run(loads(probe, overrides=[f"train.cache_features={cache}"]), output=tmp_path / cache, quiet=True)
+        finals[cache] = [r for r in records(tmp_path / cache) if r.get("split") == "val"]
+        assert all(r["cached_features"] == (cache == "true") for r in finals[cache])
+    assert [r["accuracy"] for r in finals["true"]] == [r["accuracy"] for r in finals["false"]]
+    assert finals["true"][-1]["loss"] == pytest.approx(finals["false"][-1]["loss"], rel=1e-4)
