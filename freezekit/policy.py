@@ -184,7 +184,7 @@ class Policy:
         _warn(plan)
         _live.setdefault(plan.index.root, []).append(weakref.ref(handle))
         if check_optimizers:
-            warn_unheld(model, handle.made_trainable(), f"applying {self!r}")
+            warn_unheld(model, handle.made_trainable, lambda: f"applying {self!r}")
         return handle
 
     def applied(self, model: nn.Module) -> Applied:

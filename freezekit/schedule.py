@@ -161,7 +161,8 @@ class Schedule:
         applied = phase.policy.apply(model, check_optimizers=False)  # for good: the handle is not kept
         report = sync_optimizer(optimizer, model, lr_mult=phase.lr_mult, scheduler=scheduler, **groups) \
             if optimizer is not None else SyncReport()
-        warn_unheld(model, applied.made_trainable(), f"schedule phase {i} ({phase.unit} {phase.at})", stacklevel=4)
+        warn_unheld(model, applied.made_trainable, lambda: f"schedule phase {i} ({phase.unit} {phase.at})",
+                    stacklevel=4)
         return Event(i, phase.at, phase.unit, len(applied.changes), report, replayed)
 
     def state_dict(self) -> dict[str, Any]:

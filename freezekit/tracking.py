@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -61,18 +61,21 @@ def track_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch
     return optimizer
 
 
-def warn_unheld(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]], what: str, stacklevel: int = 3) -> None:
-    """Warn for each known optimizer of ``model`` that does not hold all of ``params`` (``(name,
-    parameter)`` pairs that ``what`` just made trainable)."""
+def warn_unheld(model: nn.Module, made_trainable: Callable[[], Iterable[tuple[str, nn.Parameter]]],
+                what: Callable[[], str], stacklevel: int = 3) -> None:
+    """Warn for each known optimizer of ``model`` that does not hold all the ``(name, parameter)``
+    pairs ``made_trainable()`` gives, which ``what()`` just made trainable. Both are called only when
+    ``model`` has a known optimizer: most applies have none, and describing a policy costs a tenth
+    of applying it to a 2,000-tensor model."""
     known = _known.get(unwrap(model))
     if not known:
         return
-    params = list(params)
+    params = list(made_trainable())
     for optimizer in list(known):
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name, p in params if id(p) not in held]
         if missing:
-            warnings.warn(f"{what} made {len(missing)} parameters trainable that the {type(optimizer).__name__} "
+            warnings.warn(f"{what()} made {len(missing)} parameters trainable that the {type(optimizer).__name__} "
                           f"does not hold ({some(missing, 3)}): they get gradients but never move. Call "
                           "fk.sync_optimizer(optimizer, model) after it, or pass the optimizer to the schedule",
                           FreezekitWarning, stacklevel=stacklevel)

@@ -45,6 +45,7 @@ from .distributed import (
     world,
     wrap_ddp,
 )
+from .evaluation import logits_of
 from .export import export
 from .faults import kill_at
 from .features import FeatureCache, why_not_cacheable
@@ -55,11 +56,6 @@ from .records import Records
 from .setup import RunError, WarmupThen, build_model, build_optimizer, resolve_device
 
 __all__ = ["RunError", "RunResult", "run"]
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits in a model's output: the tensor itself, or a Hugging Face output's ``logits``."""
-    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 @dataclass
@@ -386,7 +382,6 @@ def _epochs(r: _Run, out: Path, last: Path, resume: bool) -> RunResult:
         reporter.end_epoch(f"epoch {r.epoch + 1}/{recipe.train.epochs}: train loss {train['loss']:.4f} "
                            f"acc {train['accuracy']:.1%} | val loss {val['loss']:.4f} acc {val['accuracy']:.1%} "
                            f"| {sum(seconds.values()):.1f}s" + (" (cached features)" if cached else ""))
-        r.records.curves()
         if r.epoch == recipe.train.epochs - 1:
             r.verify_in_sync("the last epoch")
         improved = val["accuracy"] > r.best
@@ -397,5 +392,6 @@ def _epochs(r: _Run, out: Path, last: Path, resume: bool) -> RunResult:
         final = {"train": train, "val": val}
         r.epoch += 1
     r.export("model")
+    r.records.curves()  # at the end: drawing takes a second, as long as a quickstart epoch
     reporter.say(f"done: best val accuracy {r.best:.1%}; {out}")
     return RunResult(out, recipe.train.epochs, r.best, final)
