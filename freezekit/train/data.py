@@ -14,12 +14,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..labels import SHAPES
 
-__all__ = ["SHAPES", "Split", "normalize", "shapes"]
+__all__ = ["SHAPES", "Split", "model_inputs", "normalize", "shapes"]
 
 
 @dataclass
@@ -63,3 +64,10 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
     mean_ = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     std_ = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
     return (images.float() / 255 - mean_) / std_
+
+
+def model_inputs(images: torch.Tensor, device: torch.device, config: dict[str, Any]) -> torch.Tensor:
+    """A batch's images on ``device`` as the model takes them: uint8 ones (``shapes``) normalized there,
+    a batch at a time, with the preprocessing ``config``'s mean and std."""
+    images = images.to(device, non_blocking=True)
+    return normalize(images, config["mean"], config["std"]) if images.dtype == torch.uint8 else images

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 
 from ..recipe import Recipe
-from .data import normalize
-from .loader import Batch, EpochBatches, default_workers, loader
+from .data import model_inputs
+from .loader import Batch, EpochBatches, loader
 from .preprocess import data_config
-from .setup import RunError, load_data
+from .setup import RunError, data_workers, load_data
 
 __all__ = ["Feed"]
 
@@ -26,11 +26,9 @@ class Feed:
         self.recipe, self.device, self.report = recipe, device, report
         self.config = data_config(recipe, model)
         self.train_set, self.val_set, self.classes = load_data(recipe, self.config)
-        d, batch_size = recipe.data, recipe.train.batch_size
-        self.workers = d.workers if d.workers is not None else \
-            0 if d.kind == "shapes" else default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        self.order = EpochBatches(len(self.train_set), batch_size, recipe.seed, True, rank, world)
-        self.val_order = EpochBatches(len(self.val_set), batch_size, recipe.seed, shuffle=False)
+        self.workers = data_workers(recipe, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.order = EpochBatches(len(self.train_set), recipe.train.batch_size, recipe.seed, True, rank, world)
+        self.val_order = EpochBatches(len(self.val_set), recipe.train.batch_size, recipe.seed, shuffle=False)
         pin = device.type == "cuda"
         self.train_loader = loader(self.train_set, self.order, self.workers, pin)
         self.val_loader = loader(self.val_set, self.val_order, self.workers, pin)
@@ -59,9 +57,7 @@ class Feed:
 
     def inputs(self, batch: Batch) -> torch.Tensor:
         """A batch's images on the device, normalized, in the memory format the recipe asks."""
-        images = batch.images.to(self.device, non_blocking=True)
-        if images.dtype == torch.uint8:  # shapes: normalized here, a batch at a time
-            images = normalize(images, self.config["mean"], self.config["std"])
+        images = model_inputs(batch.images, self.device, self.config)
         return images.contiguous(memory_format=torch.channels_last) if self.recipe.train.channels_last else images
 
     @staticmethod

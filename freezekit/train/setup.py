@@ -18,10 +18,12 @@ from ..recipe import Recipe
 from ..recipe.check import optimizer_rules
 from . import checkpoint as ckpt
 from .data import shapes
+from .loader import default_workers
 from .preprocess import transforms
 from .sources import IMAGE_SUFFIXES, Files, Pixels, cifar, image_folder
 
-__all__ = ["RunError", "WarmupThen", "build_model", "build_optimizer", "load_data", "resolve_device"]
+__all__ = ["RunError", "WarmupThen", "build_model", "build_optimizer", "data_workers", "load_data",
+           "resolve_device"]
 
 
 class RunError(FreezekitError, RuntimeError):
@@ -69,6 +71,12 @@ def load_data(recipe: Recipe, config: dict[str, Any]) -> tuple[Dataset, Dataset,
     (train_images, train_labels), (val_images, val_labels), classes = cifar(d.kind, root)
     return (Pixels(train_images, train_labels, train_transform), Pixels(val_images, val_labels, eval_transform),
             classes)
+
+
+def data_workers(recipe: Recipe, local_world: int = 1) -> int:
+    """Decoding workers per process: ``data.workers``, else none for ``shapes``, else ``default_workers``."""
+    d = recipe.data
+    return d.workers if d.workers is not None else 0 if d.kind == "shapes" else default_workers(local_world)
 
 
 def build_model(recipe: Recipe, num_classes: int, allow_import: tuple[str, ...], say: Any) -> nn.Module:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from ..labels import CIFAR, cifar_folder, classes_in, unpickle
 
-__all__ = ["IMAGE_SUFFIXES", "Files", "Pixels", "Unreadable", "cifar", "drawn_from", "image_folder"]
+__all__ = ["IMAGE_SUFFIXES", "Files", "Pixels", "Unreadable", "cifar", "drawn_from", "image_folder", "samples_of"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 Key = tuple[int, int]  # (index, augmentation seed)
@@ -113,7 +113,7 @@ class Files(Dataset):
             return Unreadable(path, f"{type(e).__name__}: {e}")
 
 
-def _samples(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
+def samples_of(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     """Every image below each class folder, in a fixed order (class, then path)."""
     return [(str(file), label) for label, name in enumerate(classes)
             for file in sorted((folder / name).rglob("*")) if file.suffix.lower() in IMAGE_SUFFIXES]
@@ -125,12 +125,12 @@ def image_folder(root: Path, val_fraction: float, seed: int) -> tuple[list, list
     (path, label) samples of each split and the class names."""
     if (root / "train").is_dir():
         classes = classes_in(root / "train")
-        return _samples(root / "train", classes), _samples(root / "val", classes), classes
+        return samples_of(root / "train", classes), samples_of(root / "val", classes), classes
     classes = classes_in(root)
     train, val = [], []
     generator = torch.Generator().manual_seed(seed)
     for label in range(len(classes)):
-        mine = _samples(root, classes[label: label + 1])
+        mine = samples_of(root, classes[label: label + 1])
         order = torch.randperm(len(mine), generator=generator).tolist()
         held = round(len(mine) * val_fraction)
         val += [(mine[i][0], label) for i in sorted(order[:held])]
