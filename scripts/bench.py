@@ -16,15 +16,18 @@ alternating, and the median taken. Every run prints a table and writes JSON to b
 | values | fk.detached on 1,000 nested tensors | a bare detach-clone loop | <= 1.2x |
 | verify | a resnet50 step inside fk.assert_frozen | the same step | <= 1.05x |
 | polyak | fk.polyak_update (MLP, test_resnet) | one torch._foreach_lerp_ (+ int buffers copied) by hand | <= 1.3x |
+| data | `freezekit run` on 20k vs 2k JPEGs: peak RSS; images/s | timm + ImageFolder + DataLoader | <= 1.15x; >= 0.95x |
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,9 +35,11 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 import torch.nn as nn
@@ -556,6 +561,168 @@ def polyak(quick: bool = QUICK, smoke: bool = SMOKE) -> dict[str, Any]:
     return result
 
 
+# -------------------------------------------------------------------------------------------- data
+
+CLASSES = 4
+DATA_RECIPE = """name: data-bench
+model: {{name: "timm:test_resnet", pretrained: false}}  # its own preprocessing: resize, crop to 160 px
+data: {{kind: image_folder, path: "{root}", workers: {workers}}}
+policy: [{{freeze: "*"}}, {{unfreeze: fc}}]
+train: {{epochs: 1, batch_size: {batch}, cache_features: false}}  # cached features would skip the decoding
+"""
+
+
+def _draw(folder: Path, seed: int, count: int, side: int) -> None:
+    """``count`` JPEGs: a two-colour gradient, noise and a square; about 10 KB each at 224 px."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, side, dtype=np.float32)
+    noise = rng.normal(0, 8, (2 * side, 2 * side, 3)).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        a, b = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+        image = a + (b - a) * (ramp[None, :, None] * ramp[:, None, None])
+        y, x = rng.integers(0, side, 2)
+        image += noise[y: y + side, x: x + side]
+        y, x = rng.integers(0, side // 2, 2)
+        image[y: y + side // 3, x: x + side // 3] = rng.uniform(0, 255, 3)
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def image_folders(n: int, side: int) -> Path:
+    """ROOT/train/CLASS/*.jpg (90% of ``n``) and ROOT/val/CLASS/*.jpg, made once below bench-results/."""
+    root = RESULTS / "images" / f"{n}-{side}px"
+    if not (root / "done").is_file():
+        jobs = [(root / split / f"class{c}", 2 * c + (split == "val"), round(n * share / CLASSES), side)
+                for split, share in (("train", 0.9), ("val", 0.1)) for c in range(CLASSES)]
+        with ProcessPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(_draw, *zip(*jobs)))
+        (root / "done").touch()
+    return root
+
+
+def _group_rss(group: int) -> int:
+    """Resident bytes of every process in process group ``group``: a run and its DataLoader workers."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[2]) == group:
+            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # rss, in pages (= VmRSS)
+    return total
+
+
+def until_step(recipe: Path, step: int) -> tuple[float, int]:
+    """Launch `freezekit run` and let it run to the end of training step ``step`` (0: the first),
+    where FREEZEKIT_FAULT_KILL_AT makes it SIGKILL itself (the runner's own hook, after the optimizer
+    step; with --quiet or piped output it prints nothing per step). Returns the seconds from launch
+    (interpreter start and imports included) and the peak resident memory of its process group (it
+    and its workers), summed every 50 ms."""
+    with tempfile.TemporaryDirectory() as out, open(f"{out}/stderr", "w+") as err:
+        start, peak = time.perf_counter(), 0
+        proc = subprocess.Popen([sys.executable, "-m", "freezekit", "run", str(recipe), "--output", f"{out}/run",
+                                 "--quiet"], stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                env={**os.environ, "FREEZEKIT_FAULT_KILL_AT": f"step:{step}"})
+        while proc.poll() is None:
+            peak = max(peak, _group_rss(proc.pid))
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        with contextlib.suppress(ProcessLookupError):  # ended: no worker is left
+            os.killpg(proc.pid, signal.SIGKILL)  # the orphaned workers (they would leave within 5 s)
+        if proc.returncode != -signal.SIGKILL:
+            err.seek(0)
+            raise RuntimeError(f"freezekit run ended with {proc.returncode} before step {step}:\n{err.read()[-3000:]}")
+    return seconds, peak
+
+
+def hand_epoch(root: Path, workers: int, batch: int) -> float:
+    """An epoch written by hand: timm's transform for the model, ImageFolder, a DataLoader, test_resnet
+    frozen but fc (BatchNorm statistics kept, as freezekit's policy keeps them), AdamW. Seconds from
+    the first batch asked for (worker start included, as the runner times its epoch)."""
+    from timm.data import create_transform, resolve_data_config
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=CLASSES)
+    images = ImageFolder(str(root / "train"), create_transform(**resolve_data_config({}, model=model)))
+    model.requires_grad_(False).eval()
+    model.fc.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(model.fc.parameters(), lr=1e-3, weight_decay=0.05)
+    batches = DataLoader(images, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    start = time.perf_counter()
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def runner_epoch(text: str) -> float:
+    """Seconds of the training epoch of `freezekit run`, in this process, as metrics.jsonl records it."""
+    from freezekit.recipe import loads
+    from freezekit.train.run import run
+
+    with tempfile.TemporaryDirectory() as folder:
+        run(loads(text), output=Path(folder) / "run", quiet=True)
+        lines = [json.loads(line) for line in (Path(folder) / "run" / "metrics.jsonl").read_text().splitlines()]
+    return next(r["seconds"] for r in lines if r.get("split") == "train")
+
+
+@app.command()
+def data(quick: bool = QUICK, smoke: bool = SMOKE) -> dict[str, Any]:
+    """`freezekit run` on folders of 2,000 and 20,000 JPEGs (224 px): peak RSS of the run and its
+    workers over its first steps, 20k / 2k <= 1.15x, and the time to its first step; then images/s of
+    an epoch on the 2k folder / the same epoch by hand (timm transform, ImageFolder, DataLoader) >= 0.95x.
+    The RSS sum counts the pages a forked worker shares with the run twice: compare the ratio, not the MiB."""
+    from freezekit.train.loader import default_workers
+
+    sizes, side, batch = ((64, 320), 64, 16) if smoke else ((2_000, 20_000), 224, 64)
+    steps, launches, repeats = (0, 1, 1) if smoke else (10, 3, 3 if quick else 5)
+    workers = default_workers()
+    roots = {n: image_folders(n, side) for n in sizes}
+    first: dict[int, list[float]] = {n: [] for n in sizes}
+    peak: dict[int, list[int]] = {n: [] for n in sizes}
+    with tempfile.TemporaryDirectory() as folder:
+        recipes = {n: Path(folder) / f"{n}.yaml" for n in sizes}
+        for n in sizes:
+            recipes[n].write_text(DATA_RECIPE.format(root=roots[n], workers=workers, batch=batch))
+        for _ in range(launches):  # alternating sizes; a peak varies by a few percent from run to run
+            for n in sizes:
+                seconds, top = until_step(recipes[n], 0)
+                first[n].append(seconds)
+                peak[n].append(until_step(recipes[n], steps)[1] if steps else top)
+    small = sizes[0]
+    train_images = sum(1 for _ in (roots[small] / "train").rglob("*.jpg"))
+    text = DATA_RECIPE.format(root=roots[small], workers=workers, batch=batch)
+    epochs: dict[str, list[float]] = {"hand": [], "freezekit": []}
+    for _ in range(repeats):
+        epochs["hand"].append(hand_epoch(roots[small], workers, batch))
+        epochs["freezekit"].append(runner_epoch(text))
+    hand, ours = (train_images / statistics.median(epochs[k]) for k in ("hand", "freezekit"))
+    # each pair ran back to back, under the same load: the median of the pairs' ratios, not the ratio of medians
+    ratio = statistics.median(h / f for h, f in zip(epochs["hand"], epochs["freezekit"]))
+    rows = [{"images": n, "workers": workers, "steps": steps + 1, "peak_rss_mib": statistics.median(peak[n]) / 2**20,
+             "first_step_s": statistics.median(first[n]), "peak_rss_runs_mib": [round(p / 2**20) for p in peak[n]],
+             "first_step_runs_s": [round(t, 2) for t in first[n]]} for n in sizes]
+    rows[0].update(hand_images_s=hand, freezekit_images_s=ours, ratio=ratio,
+                   **{f"{k}_epochs_s": [round(t, 2) for t in v] for k, v in epochs.items()})
+    show(rows, ["images", "workers", "steps", "peak_rss_mib", "first_step_s", "hand_images_s", "freezekit_images_s",
+                "ratio"])
+    rss_ratio, first_ratio = (rows[1][k] / rows[0][k] for k in ("peak_rss_mib", "first_step_s"))
+    ok = ratio >= 0.95 and rss_ratio <= 1.15
+    result = {"worst": ratio, "target": 0.95, "rss_ratio": rss_ratio, "rss_target": 1.15,
+              "first_step_ratio": first_ratio, "verdict": "ok" if ok else "MISSED"}
+    print(f"images/s {ratio:.3f}x the hand loop (target >= 0.95); peak RSS {sizes[1]:,} / {small:,} images "
+          f"{rss_ratio:.3f} (target <= 1.15); time to the first step {first_ratio:.3f}: {result['verdict']}")
+    save("data", rows, result)
+    return result
+
+
 # ----------------------------------------------------------------------------------------- all, plot
 
 
@@ -564,15 +731,18 @@ def run_all(quick: bool = QUICK, smoke: bool = SMOKE) -> None:
     """Every benchmark in turn, then each ratio against its target."""
     outcomes = {}
     for name, fn in (("apply", apply), ("summary", summary), ("step", step), ("runner", runner), ("ddp", ddp),
-                     ("cache", cache), ("values", values), ("verify", verify), ("polyak", polyak)):
+                     ("cache", cache), ("values", values), ("verify", verify), ("polyak", polyak),
+                     ("data", data)):
         print(f"\n== {name}")
         outcomes[name] = fn(quick=quick, smoke=smoke)
     print("\n== against the targets")
     for name, r in outcomes.items():
-        sense = ">=" if name in ("cache", "ddp") else "<="
+        sense = ">=" if name in ("cache", "ddp", "data") else "<="
         print(f"  {name:<8} {r['worst']:7.3f}  (target {sense} {r['target']})  {r['verdict']}")
         if r.get("worst_from_2000") is not None:
             print(f"  {'':<8} {r['worst_from_2000']:7.3f}  (target {sense} {r['target_from_2000']} from 2,000 tensors)")
+        if r.get("rss_ratio") is not None:
+            print(f"  {'':<8} {r['rss_ratio']:7.3f}  (target <= {r['rss_target']}: peak RSS, 10x the images)")
 
 
 @app.command()
