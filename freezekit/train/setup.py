@@ -67,9 +67,10 @@ def load_data(recipe: Recipe, config: dict[str, Any]) -> tuple[Dataset, Dataset,
         if not train or not val:
             raise RunError(f"data.path: {str(root)!r} has no images for " + ("training" if not train else "validation")
                            + f" (looked for {', '.join(IMAGE_SUFFIXES)} files below each class folder)")
-        return Files(train, train_transform), Files(val, eval_transform), classes
+        return Files(train, train_transform, augmented=d.augment), Files(val, eval_transform), classes
     (train_images, train_labels), (val_images, val_labels), classes = cifar(d.kind, root)
-    return (Pixels(train_images, train_labels, train_transform), Pixels(val_images, val_labels, eval_transform),
+    return (Pixels(train_images, train_labels, train_transform, augmented=d.augment),
+            Pixels(val_images, val_labels, eval_transform),
             classes)
 
 
