@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from freezekit.train.checkpoint import CheckpointError
 from freezekit.train.checkpoint import load as load_checkpoint
@@ -81,6 +82,8 @@ def test_runs_stay_in_sync_and_resume_after_a_kill(strategy, tmp_path):
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(last)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run ended elsewhere"
+    exported = load_file(tmp_path / "killed" / "model" / "model.safetensors")  # gathered first under FSDP2
+    assert exported.keys() == b.keys() and all(torch.equal(exported[k], b[k]) for k in b)
 
 
 def test_the_in_sync_check_catches_the_classic_bug():

@@ -104,10 +104,11 @@ def check_in_sync(w: World, model: nn.Module) -> str | None:
     return out_of_sync(model) if w.distributed else None
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
-    """Model and optimizer state as whole tensors (gathered to rank 0 under FSDP2)."""
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, sharded: bool) -> tuple[dict, dict | None]:
+    """Model and optimizer state as whole tensors (gathered to rank 0 under FSDP2: every rank calls
+    it); no optimizer, no optimizer state."""
     if not sharded:
-        return model.state_dict(), optimizer.state_dict()
+        return model.state_dict(), None if optimizer is None else optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -115,7 +116,8 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    return get_model_state_dict(model, options=options), \
+        None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved_model: dict, saved_optimizer: dict,

@@ -31,6 +31,7 @@ import yaml
 
 from ..errors import DeadRuleWarning
 from ..freeze_state import State, state, state_dict
+from ..models import build
 from ..recipe import Recipe, check
 from ..recipe.check import optimizer_rules
 from ..schedule import Event, Schedule
@@ -70,7 +71,7 @@ class _Run:
     """One run's state: built from the recipe, or restored from ``checkpoints/last.pt``."""
 
     def __init__(self, recipe: Recipe, out: Path, allow_import: tuple[str, ...], reporter: Reporter):
-        self.recipe, self.out, self.reporter = recipe, out, reporter
+        self.recipe, self.out, self.reporter, self.allow_import = recipe, out, reporter, allow_import
         prepared = check(recipe, allow_import)  # every problem, before anything is written
         self.schedule: Schedule = prepared.schedule
         self.groups = {"rules": optimizer_rules(recipe), "layer_decay": recipe.optimizer.layer_decay}
@@ -83,7 +84,8 @@ class _Run:
             reporter.say("note: train.strategy fsdp shards across processes; run under torchrun to use it")
         self.records = Records(out, self.world.main, recipe.train.loggers)
         torch.manual_seed(recipe.seed)
-        self.model = build_model(recipe, prepared.num_classes, allow_import, reporter.say)
+        self.num_classes = prepared.num_classes
+        self.model = build_model(recipe, self.num_classes, allow_import, reporter.say)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeadRuleWarning)
             prepared.policy.apply(self.model)
@@ -303,9 +305,16 @@ class _Run:
             kill_at("phase", event.phase)
 
     def export(self, name: str) -> None:
+        """Write the model as timm or torchvision loads it (:mod:`.export`). Every rank calls it: a
+        sharded (FSDP2) model's weights are gathered first, into a plain copy of the architecture."""
+        model, spec = self.model, self.recipe.model
+        if self.strategy == "fsdp":
+            weights, _ = full_state(self.model, None, sharded=True)
+            if self.world.main:
+                model = build(spec.name, num_classes=self.num_classes, allow_import=self.allow_import, **spec.kwargs)
+                model.load_state_dict(weights)
         if self.world.main:
-            export(self.model, self.recipe.model.name, self.out / name, self.feed.config, self.classes,
-                   model_args=self.recipe.model.kwargs)
+            export(model, spec.name, self.out / name, self.feed.config, self.classes, model_args=spec.kwargs)
 
 
 def _prepare_output(out: Path, resume: bool) -> Path:
