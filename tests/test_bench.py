@@ -17,7 +17,7 @@ def test_every_benchmark_runs_at_its_smallest(tmp_path):
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "== against the targets" in result.stdout
-    for name in ("apply", "summary", "step", "runner", "cache", "values", "verify", "polyak"):
+    for name in ("apply", "summary", "step", "runner", "cache", "values", "verify", "polyak", "data"):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["rows"] and {"worst", "target", "verdict"} <= set(data["summary"]) and data["machine"]["torch"]
 
