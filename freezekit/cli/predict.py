@@ -24,6 +24,7 @@ def command(
     import torch  # here, not above: timm and PIL would slow every other command's start
     from timm.data import create_transform, resolve_data_config
 
+    from ..train.evaluation import logits_of
     from ..train.export import CONFIG, load
 
     with user_errors():
@@ -36,7 +37,7 @@ def command(
         inputs = torch.stack([transform(_read(path)) for path in images])  # every image read before any output
         with torch.inference_mode():
             outputs = [net(batch) for batch in inputs.split(BATCH)]
-        logits = torch.cat([out if isinstance(out, torch.Tensor) else out.logits for out in outputs])
+        logits = torch.cat([logits_of(out) for out in outputs])
     names = config.get("label_names")
     if not isinstance(names, list) or len(names) != logits.shape[1]:
         names = [str(i) for i in range(logits.shape[1])]

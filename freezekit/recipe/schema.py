@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, field_validator, model_validator
 
 __all__ = ["Data", "Group", "Model", "Optimizer", "Output", "Recipe", "Train"]
 
@@ -48,6 +48,28 @@ class Data(_Section):
                                                                   "(and say so)")
     train_size: int = Field(1024, ge=1, description="shapes: training images drawn")
     val_size: int = Field(256, ge=1, description="shapes: validation images drawn")
+
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _known_policy(cls, policy: str | None) -> str | None:
+        if policy is not None:
+            from timm.data import create_transform
+
+            try:  # timm's factory is the judge of its own policy strings (it asserts on unknown ones)
+                create_transform(32, is_training=True, auto_augment=policy)
+            except (AssertionError, ValueError, KeyError, IndexError) as e:
+                raise ValueError(f"{policy!r} is not an auto-augment policy timm knows ({e}); e.g. rand-m9-mstd0.5, "
+                                 "augmix-m5, original") from None
+        return policy
+
+
+    @model_validator(mode="after")
+    def _policy_needs_augment(self) -> Data:
+        if self.auto_augment is not None and (not self.augment or self.kind == "shapes"):
+            raise ValueError("auto_augment is applied with augment: true, to image data (not shapes, whose "
+                             "augment is a shift and a flip)")
+        return self
 
 
 class Group(_Section):
