@@ -280,3 +280,15 @@ def test_a_linear_probe_on_an_image_folder_is_the_same_with_cached_features(tmp_
         assert all(r["cached_features"] == (cache == "true") for r in finals[cache])
     assert [r["accuracy"] for r in finals["true"]] == [r["accuracy"] for r in finals["false"]]
     assert finals["true"][-1]["loss"] == pytest.approx(finals["false"][-1]["loss"], rel=1e-4)
+
+
+def test_a_phase_that_drops_the_feature_cache_mid_epoch_reads_images_from_that_step_on(tmp_path):
+    recipe = loads('model: {name: "timm:test_resnet"}\ndata: {train_size: 64, val_size: 32, image_size: 24}\n'
+                   'policy: [{freeze: "*"}, {unfreeze: fc}]\n'
+                   'schedule: [{at: 3, unit: step, policy: [{unfreeze: layer4}]}]\n'
+                   'train: {epochs: 2, batch_size: 16}\n', "p.yaml")  # 4 steps an epoch: cached for 3 of them
+    run(recipe, output=tmp_path / "run", quiet=True)
+    events = records(tmp_path / "run")
+    assert [(r["epoch"], r["step"]) for r in events if r.get("event") == "phase"] == [(0, 3)]
+    assert [r["cached_features"] for r in events if r.get("split") == "train"] == [False, False]
+    assert all(r["loss"] == r["loss"] for r in events if "split" in r)  # finite, not NaN

@@ -36,10 +36,21 @@ class Feed:
         self.distributed = world > 1
         self.skipped: set[str] = set()
 
-    def train(self, epoch: int, start: int, cached: bool) -> Iterator[Batch]:
-        """The training batches of ``epoch`` from batch ``start`` on; ``cached``: indices and labels only."""
+    def train(self, epoch: int, start: int, cached: Callable[[], bool]) -> Iterator[Batch]:
+        """The training batches of ``epoch`` from batch ``start`` on: indices and labels only while
+        ``cached()`` (asked at each batch: a phase may drop the feature cache mid-epoch), images
+        from then on."""
         self.order.set_epoch(epoch, start)
-        return self._readable(self._indices(self.train_set, self.order) if cached else self.train_loader)
+        if cached():
+            for batch in self._indices(self.train_set, self.order):
+                if not cached():
+                    break
+                yield batch
+                start += 1
+            else:
+                return
+            self.order.set_epoch(epoch, start)
+        yield from self._readable(self.train_loader)
 
     def val(self, cached: bool) -> Iterator[Batch]:
         """The validation batches, in order (every rank reads them all)."""

@@ -229,11 +229,13 @@ class _Run:
         recipe, model = self.recipe, self.model
         self.reporter.start_epoch(self.epoch, recipe.train.epochs, self.steps_per_epoch, self.cache is not None)
         model.train()
-        for batch in self.feed.train(self.epoch, self.batch, self.cache is not None):
+        batches = self.feed.train(self.epoch, self.batch, lambda: self.cache is not None)
+        for _ in range(self.batch, self.steps_per_epoch):
             events = self.schedule.update(model, self.optimizer, step=self.step, scheduler=self.scheduler,
                                           **self.groups)
             if events:
-                self.phase_changed(events)
+                self.phase_changed(events)  # before the batch is read: it may need images now
+            batch = next(batches)
             if not len(batch.labels):  # nothing readable in it: the step is skipped, its place kept
                 self.step, self.batch = self.step + 1, self.batch + 1
                 self.scheduler.step()
