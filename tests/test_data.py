@@ -132,8 +132,9 @@ def test_evaluation_keeps_the_aspect_ratio_and_crops_the_centre(tmp_path):
 
 def test_a_run_killed_mid_epoch_with_workers_resumes_to_the_same_weights_as_one_without(tmp_path):
     data = shapes_folder(tmp_path / "data")
-    (tmp_path / "r.yaml").write_text(folder_recipe(data).replace(
-        "workers: 2}", "workers: 2, mixup: 0.2, cutmix: 1.0}"))  # every kind of draw: crops, policy, mixing
+    (tmp_path / "r.yaml").write_text(folder_recipe(data).replace(  # every kind of draw: crops, policy, mixing,
+        "workers: 2}", "workers: 2, mixup: 0.2, cutmix: 1.0}").replace(  # and dropout, from the global generator
+        '"timm:test_resnet"}', '"timm:test_resnet", kwargs: {drop_rate: 0.3}}'))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FREEZEKIT_FAULT")} | {"OMP_NUM_THREADS": "1"}
 
     def freezekit(out: str, *args: str, **extra: str) -> subprocess.CompletedProcess:

@@ -95,7 +95,9 @@ def default_workers(local_world: int = 1) -> int:
 
 
 def loader(dataset: Dataset, sampler: EpochBatches, workers: int, pin_memory: bool) -> DataLoader:
-    """The DataLoader over ``sampler``'s batches; its workers are kept from epoch to epoch."""
+    """The DataLoader over ``sampler``'s batches; its workers are kept from epoch to epoch. It draws
+    its workers' base seed from a generator of its own: drawn from torch's global one, as by
+    default, a run resumed mid-epoch would draw it again there, and its dropout masks would shift."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=workers > 0,
-                      prefetch_factor=2 if workers > 0 else None)
+                      prefetch_factor=2 if workers > 0 else None, generator=torch.Generator())
