@@ -22,18 +22,18 @@ def command(
     """Print the TOP_K most likely classes of each IMAGE, with their probabilities, as the model a
     run exported (RUN_DIR/model) sees them after its own preprocessing."""
     import torch  # here, not above: timm and PIL would slow every other command's start
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import resolve_data_config
 
     from ..train.evaluation import logits_of
     from ..train.export import CONFIG, load
+    from ..train.preprocess import eval_transform
 
     with user_errors():
         folder = model / "model" if (model / "model" / CONFIG).is_file() else model
         if model.is_dir() and not (folder / CONFIG).is_file():
             raise FileNotFoundError(f"{model}: no exported model in it (no {CONFIG} there nor in {model / 'model'})")
         net, config = load(folder, allow_import=allow_import)
-        transform = create_transform(**resolve_data_config(pretrained_cfg=config["pretrained_cfg"]),
-                                     is_training=False)
+        transform = eval_transform(resolve_data_config(pretrained_cfg=config["pretrained_cfg"]))
         inputs = torch.stack([transform(_read(path)) for path in images])  # every image read before any output
         with torch.inference_mode():
             outputs = [net(batch) for batch in inputs.split(BATCH)]

@@ -16,6 +16,7 @@ from ..labels import classes_in
 from ..recipe import load as load_recipe
 from .data import model_inputs
 from .loader import EpochBatches, default_workers, loader
+from .preprocess import eval_transform
 from .setup import data_workers, load_data
 from .sources import IMAGE_SUFFIXES, Files, samples_of
 
@@ -83,8 +84,6 @@ def run_split(run_dir: Path, preprocessing: dict[str, Any], names: list[str] | N
 def labelled_folder(data: Path, preprocessing: dict[str, Any], names: list[str], batch_size: int) -> Source:
     """``data/val/CLASS/*`` (or ``data/CLASS/*``), each class folder given the model's label of its
     name (``names``: the model's class names, in the order of its outputs)."""
-    from timm.data import create_transform
-
     if not data.is_dir():
         raise FileNotFoundError(f"--data: {data}: {'not a folder' if data.exists() else 'no such folder'}")
     root = data / "val" if (data / "val").is_dir() else data
@@ -97,7 +96,7 @@ def labelled_folder(data: Path, preprocessing: dict[str, Any], names: list[str],
     if not samples:
         raise ValueError(f"--data: {root}: no images (looked for {', '.join(IMAGE_SUFFIXES)} files below each "
                          f"class folder)")
-    return Source(Files(samples, create_transform(**preprocessing, is_training=False)), names, str(root),
+    return Source(Files(samples, eval_transform(preprocessing)), names, str(root),
                   preprocessing, batch_size, default_workers(), skip=False)
 
 

@@ -19,7 +19,7 @@ from ..index import unwrap
 from ..models import parse
 from ..recipe import Recipe
 
-__all__ = ["data_config", "transforms"]
+__all__ = ["data_config", "eval_transform", "transforms"]
 
 
 def _torchvision_defaults(name: str) -> dict[str, Any]:
@@ -56,17 +56,28 @@ def data_config(recipe: Recipe, model: nn.Module) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}  # JSON-ready
 
 
+def _factory_args(config: dict[str, Any]) -> dict[str, Any]:
+    return {"input_size": tuple(config["input_size"]), "interpolation": config["interpolation"],
+            "mean": tuple(config["mean"]), "std": tuple(config["std"]), "crop_pct": config["crop_pct"],
+            "crop_mode": config.get("crop_mode", "center")}
+
+
+def eval_transform(config: dict[str, Any]) -> Callable:
+    """The evaluation transform of a data config (:func:`data_config`, or an exported model's
+    ``pretrained_cfg``): aspect-preserving resize, centre crop, normalization."""
+    from timm.data import create_transform
+
+    return create_transform(**_factory_args(config), is_training=False)
+
+
 def transforms(config: dict[str, Any], recipe: Recipe) -> tuple[Callable, Callable]:
     """(training transform, evaluation transform) of PIL images to normalized tensors."""
     from timm.data import create_transform
 
     d = recipe.data
-    kwargs = {"input_size": tuple(config["input_size"]), "interpolation": config["interpolation"],
-              "mean": tuple(config["mean"]), "std": tuple(config["std"]), "crop_pct": config["crop_pct"],
-              "crop_mode": config.get("crop_mode", "center")}
-    evaluate = create_transform(**kwargs, is_training=False)
+    evaluate = eval_transform(config)
     if not d.augment:
         return evaluate, evaluate
-    train = create_transform(**{k: v for k, v in kwargs.items() if k not in ("crop_pct", "crop_mode")},
+    train = create_transform(**{k: v for k, v in _factory_args(config).items() if k not in ("crop_pct", "crop_mode")},
                              is_training=True, auto_augment=d.auto_augment)
     return train, evaluate

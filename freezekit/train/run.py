@@ -104,7 +104,7 @@ class _Run:
             precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self.objective = Objective(recipe, len(self.classes))
+        self.objective = Objective(recipe, self.num_classes)  # mixup's targets are as wide as the logits
         self.epoch, self.step, self.best = 0, 0, -1.0
         self.batch, self.sums = 0, [0.0, 0, 0]  # where the epoch goes on from: batches done, (loss, correct, seen)
         self.cache: FeatureCache | None = None

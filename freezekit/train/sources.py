@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..labels import CIFAR, cifar_folder, classes_in, unpickle
+from ..labels import CIFAR, cifar_classes, cifar_folder, classes_in, unpickle
 
 __all__ = ["IMAGE_SUFFIXES", "Files", "Pixels", "Unreadable", "cifar", "drawn_from", "image_folder", "samples_of"]
 
@@ -144,7 +144,7 @@ def image_folder(root: Path, val_fraction: float, seed: int) -> tuple[list, list
 def cifar(kind: str, root: Path) -> tuple[tuple[np.ndarray, list[int]], tuple[np.ndarray, list[int]], list[str]]:
     """CIFAR-10/100's python batches below ``root`` (as torchvision lays them out): the train and
     test images (N x 32 x 32 x 3 uint8) with their labels, and the class names."""
-    _, train_files, val_file, meta, labels_key, names_key = CIFAR[kind]
+    _, train_files, val_file, _, labels_key, _ = CIFAR[kind]
     base = cifar_folder(kind, root)
 
     def read(files: list[str]) -> tuple[np.ndarray, list[int]]:
@@ -152,4 +152,4 @@ def cifar(kind: str, root: Path) -> tuple[tuple[np.ndarray, list[int]], tuple[np
         images = np.concatenate([p["data"] for p in parts]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(images), [int(y) for p in parts for y in p[labels_key]]
 
-    return read(train_files), read([val_file]), list(unpickle(base / meta)[names_key])
+    return read(train_files), read([val_file]), cifar_classes(kind, root)
