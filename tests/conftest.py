@@ -187,3 +187,15 @@ def assert_same_run(expected: Path, got: Path) -> None:
         assert (a["scheduler"], a["schedule"], a["freezekit"]) == (b["scheduler"], b["schedule"], b["freezekit"])
     assert records(expected) == records(got)
     assert (expected / "summary.md").read_text() == (got / "summary.md").read_text()
+
+
+def save_images(folder: Path, split, classes: list[str], keep: list[str] | None = None, name: str = "{i}.png") -> None:
+    """The images of a ``shapes`` split as files, ``folder/CLASS/NAME`` (``name`` formatted with the
+    image's number ``i``), those of the ``keep`` classes only when given."""
+    from PIL import Image
+
+    for i, (image, label) in enumerate(zip(split.images, split.labels.tolist())):
+        if keep is None or classes[label] in keep:
+            (folder / classes[label]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / classes[label] / name.format(i=i),
+                                                                 quality=95)

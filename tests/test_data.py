@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import assert_same_run, records, two_ranks
+from conftest import assert_same_run, records, save_images, two_ranks
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -34,10 +34,7 @@ def shapes_folder(root: Path, train: int = 48, val: int = 24, size: int = 40, sp
     """The built-in shapes as an image folder of JPEGs (train/ and val/, or one folder of classes)."""
     train_set, val_set, classes = shapes(image_size=size, train_size=train, val_size=val, seed=3)
     for split_name, part in (("train", train_set), ("val", val_set)):
-        for i, (image, label) in enumerate(zip(part.images, part.labels.tolist())):
-            folder = (root / split_name if split else root) / classes[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{split_name}{i:03d}.jpg", quality=95)
+        save_images(root / split_name if split else root, part, classes, name=split_name + "{i:03d}.jpg")
     return root
 
 

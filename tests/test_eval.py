@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import timm
 import torch
+from conftest import save_images
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from typer.testing import CliRunner
@@ -23,19 +24,12 @@ runner = CliRunner()
 VAL_FRACTION, SEED = 0.25, 3
 
 
-def _save(folder, split, classes, keep=None):
-    for i, (image, label) in enumerate(zip(split.images, split.labels.tolist())):
-        if keep is None or classes[label] in keep:
-            (folder / classes[label]).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / classes[label] / f"{i}.png")
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A two-epoch run on DATA/CLASS/*.png, a quarter of each class held out by the seed."""
     tmp = tmp_path_factory.mktemp("eval")
     split, _, classes = shapes(image_size=32, train_size=48, val_size=1, seed=1)
-    _save(tmp / "data", split, classes)
+    save_images(tmp / "data", split, classes)
     recipe = loads(f"""
 seed: {SEED}
 model: {{name: "timm:test_resnet", pretrained: false}}
@@ -93,7 +87,7 @@ def test_eval_gives_the_runs_last_validation_accuracy_and_each_class_by_hand(tra
 def test_eval_on_another_folder_by_the_models_class_names(trained):
     tmp, classes = trained
     other, _, _ = shapes(image_size=40, train_size=12, val_size=1, seed=7)  # another size: the model resizes
-    _save(tmp / "other" / "val", other, classes, keep=classes[1:])  # PATH/val/CLASS/*, two of the three classes
+    save_images(tmp / "other" / "val", other, classes, keep=classes[1:])  # PATH/val/CLASS/*: two of three classes
     (tmp / "other" / "train").mkdir()
 
     report = json.loads(_eval(tmp / "run", "--data", tmp / "other", "--model", "model-best", "--batch-size", 5,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_images
 from typer.testing import CliRunner
 
 import freezekit as fk
@@ -179,17 +180,13 @@ def test_a_foreign_checkpoint_is_refused(tmp_path):
 
 
 def test_image_folder_data_and_a_local_checkpoint(tmp_path):
-    from PIL import Image
     from safetensors.torch import save_file
 
     from freezekit.train.data import shapes
 
     train, val, classes = shapes(image_size=24, train_size=24, val_size=12, seed=1)
     for split_name, split in (("train", train), ("val", val)):
-        for i, (image, label) in enumerate(zip(split.images, split.labels.tolist())):
-            folder = tmp_path / "data" / split_name / classes[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+        save_images(tmp_path / "data" / split_name, split, classes)
     import timm
 
     source = timm.create_model("test_resnet", pretrained=False, num_classes=7)  # another head: not loaded
