@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from ..ddp import out_of_sync, rebuild_ddp
 
-__all__ = ["World", "check_in_sync", "full_state", "load_full_state", "reduce_sums", "shard", "world", "wrap_ddp"]
+__all__ = ["World", "check_in_sync", "full_state", "leave", "load_full_state", "reduce_sums", "shard", "world",
+           "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    joined: bool = False  # this process group was created here, and is ours to destroy (leave())
 
     @property
     def main(self) -> bool:
@@ -46,12 +48,20 @@ def world(device_type: str) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         torch.cuda.set_device(local)
-    return World(dist.get_rank(), dist.get_world_size(), local)
+    return World(dist.get_rank(), dist.get_world_size(), local, joined)
+
+
+def leave(w: World) -> None:
+    """Destroy the process group :func:`world` created, as torch asks before a process exits (left to
+    the interpreter's exit, its threads can abort the process)."""
+    if w.joined and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def reduce_sums(w: World, values: list[float]) -> list[float]:

@@ -40,6 +40,7 @@ from .distributed import (
     barrier,
     check_in_sync,
     full_state,
+    leave,
     load_full_state,
     reduce_sums,
     shard,
@@ -350,6 +351,7 @@ def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, 
         r.records.close()
         if r.cache is not None:
             r.cache.close()
+        leave(r.world)
 
 
 def _epochs(r: _Run, out: Path, last: Path, resume: bool) -> RunResult:
