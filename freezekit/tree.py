@@ -52,7 +52,8 @@ def rebuilt(value: Any, each: Callable[[Any], Any]) -> Any:
     """``value`` rebuilt with ``each`` applied to each item, if it is a dataclass, tuple (namedtuple
     included), list or dict, with the same type and keys; else :data:`NOT_A_CONTAINER`."""
     kind = type(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # before dict: ModelOutput is both
+    # a dataclass instance, as dataclasses.is_dataclass tells it; before dict: ModelOutput is both
+    if hasattr(kind, "__dataclass_fields__"):
         return _dataclass(each, value)
     if isinstance(value, tuple):
         items = [each(v) for v in value]
@@ -73,13 +74,13 @@ def rebuilt(value: Any, each: Callable[[Any], Any]) -> Any:
 
 
 def _dataclass(each: Callable[[Any], Any], value: Any) -> Any:
-    fields = [(f.name, f.init) for f in dataclasses.fields(value)]
-    mapped = {name: each(getattr(value, name)) for name, _ in fields}
+    fields = dataclasses.fields(value)
+    mapped = {f.name: each(getattr(value, f.name)) for f in fields}
     try:
-        out = type(value)(**{name: mapped[name] for name, init in fields if init})
-        rest = [name for name, init in fields if not init]
+        out = type(value)(**{f.name: mapped[f.name] for f in fields if f.init})
+        rest = [f.name for f in fields if not f.init]
     except TypeError:  # an __init__ that takes more than the fields (InitVar)
-        out, rest = copy.copy(value), [name for name, _ in fields]
+        out, rest = copy.copy(value), list(mapped)
     for name in rest:
         object.__setattr__(out, name, mapped[name])
     return out
