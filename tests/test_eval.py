@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import timm
 import torch
+import yaml
 from conftest import save_images
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
@@ -127,3 +128,23 @@ def test_eval_fails_in_one_line_without_traceback(trained, tmp_path, problem):
     assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1 and named in result.stderr
     if problem == "unknown class":
         assert ", ".join(classes) in result.stderr
+
+
+def test_a_relative_data_path_is_recorded_absolute_so_eval_reads_the_same_split_from_anywhere(tmp_path, monkeypatch):
+    split, _, classes = shapes(image_size=32, train_size=24, val_size=1, seed=2)
+    save_images(tmp_path / "data", split, classes)
+    monkeypatch.chdir(tmp_path)
+    recipe = loads(f"""
+seed: {SEED}
+model: {{name: "timm:test_resnet", pretrained: false}}
+data: {{kind: image_folder, path: data, image_size: 32, val_fraction: {VAL_FRACTION}, workers: 0}}
+train: {{epochs: 1, batch_size: 8}}
+""", "relative.yaml")
+    run(recipe, output="run", quiet=True)
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]["path"] == str(tmp_path / "data")
+
+    monkeypatch.chdir(tmp_path / "run" / "checkpoints")  # where "data" names nothing
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    report = json.loads(_eval(tmp_path / "run", "--json").stdout)
+    assert report["accuracy"] == [r for r in records if r.get("split") == "val"][-1]["accuracy"]
+    assert report["images"] == len(image_folder(tmp_path / "data", VAL_FRACTION, SEED)[1])

@@ -5,6 +5,7 @@ unknown keys refused). ``policy`` and ``schedule`` keep their plain form here; t
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, field_validator, model_validator
@@ -126,6 +127,17 @@ class Recipe(_Section):
     train: Train = Field(default_factory=Train)
     output: Output = Field(default_factory=Output)
     _source: Any = PrivateAttr(None)  # (file, YAML data with lines, paths set by --set), for error locations
+
+    def with_absolute_paths(self) -> Recipe:
+        """This recipe with its local paths (``data.path``, ``model.checkpoint``) made absolute from the
+        current directory: what a run records, so that its recipe.yaml reads the same files from anywhere."""
+
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(Path(path).expanduser().absolute())
+
+        return self.model_copy(update={
+            "data": self.data.model_copy(update={"path": absolute(self.data.path)}),
+            "model": self.model.model_copy(update={"checkpoint": absolute(self.model.checkpoint)})})
 
     @field_validator("name")
     @classmethod

@@ -72,8 +72,9 @@ class _Run:
     """One run's state: built from the recipe, or restored from ``checkpoints/last.pt``."""
 
     def __init__(self, recipe: Recipe, out: Path, allow_import: tuple[str, ...], reporter: Reporter):
-        self.recipe, self.out, self.reporter, self.allow_import = recipe, out, reporter, allow_import
         prepared = check(recipe, allow_import)  # every problem, before anything is written
+        self.out, self.reporter, self.allow_import = out, reporter, allow_import
+        self.recipe = recipe.with_absolute_paths()  # as recorded: eval and resume find the same files from anywhere
         self.schedule: Schedule = prepared.schedule
         self.groups = {"rules": optimizer_rules(recipe), "layer_decay": recipe.optimizer.layer_decay}
         device_type = resolve_device(recipe.train.device)
