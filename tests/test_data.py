@@ -4,6 +4,7 @@ exact resume with decoding workers, unreadable images, CIFAR batches, and the ex
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import pickle
 import signal
@@ -174,6 +175,15 @@ def test_an_unreadable_image_is_named_by_its_path_or_skipped_as_the_recipe_says(
     train = next(r for r in records(tmp_path / "skip") if r.get("split") == "train")
     assert train["accuracy"] * 16 == round(train["accuracy"] * 16)  # over the 16 readable images, not 17
 
+
+
+def test_a_run_stops_its_decoding_workers_when_it_returns(tmp_path):
+    """Kept from epoch to epoch, the workers must not outlive the run in the calling process (a
+    notebook, a sweep): left to the garbage collector, they linger, and shutting them down then
+    stalls whatever triggers the collection."""
+    data = shapes_folder(tmp_path / "data", train=16, val=8)
+    run(loads(folder_recipe(data).replace("epochs: 2", "epochs: 1"), "r.yaml"), output=tmp_path / "run", quiet=True)
+    assert multiprocessing.active_children() == []
 
 # -- data kinds
 

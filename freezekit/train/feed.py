@@ -36,6 +36,11 @@ class Feed:
         self.distributed = world > 1
         self.skipped: set[str] = set()
 
+    def close(self) -> None:
+        """Stop the decoding workers now. They are kept from epoch to epoch, and the run holds the
+        feed in a reference cycle: left to the garbage collector, they would outlive the run."""
+        self.train_loader = self.val_loader = None  # the last references: each loader's workers shut down
+
     def train(self, epoch: int, start: int, cached: Callable[[], bool]) -> Iterator[Batch]:
         """The training batches of ``epoch`` from batch ``start`` on: indices and labels only while
         ``cached()`` (asked at each batch: a phase may drop the feature cache mid-epoch), images

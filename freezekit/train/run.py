@@ -350,6 +350,7 @@ def run(recipe: Recipe, output: str | Path | None = None, resume: bool = False, 
         return _epochs(r, out, last, resume)
     finally:
         r.records.close()
+        r.feed.close()
         if r.cache is not None:
             r.cache.close()
         leave(r.world)
