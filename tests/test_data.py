@@ -25,7 +25,7 @@ from freezekit.recipe import loads
 from freezekit.train.data import shapes
 from freezekit.train.loader import EpochBatches, batches
 from freezekit.train.preprocess import data_config
-from freezekit.train.run import run
+from freezekit.train.run import RunError, run
 
 cli = CliRunner()
 DIST = Path(__file__).parent / "dist"
@@ -177,13 +177,19 @@ def test_an_unreadable_image_is_named_by_its_path_or_skipped_as_the_recipe_says(
 
 
 
-def test_a_run_stops_its_decoding_workers_when_it_returns(tmp_path):
+def test_a_run_stops_its_decoding_workers_when_it_returns_or_fails(tmp_path):
     """Kept from epoch to epoch, the workers must not outlive the run in the calling process (a
-    notebook, a sweep): left to the garbage collector, they linger, and shutting them down then
-    stalls whatever triggers the collection."""
+    notebook, a sweep), even while the error that stopped it is held, and its traceback with it."""
     data = shapes_folder(tmp_path / "data", train=16, val=8)
-    run(loads(folder_recipe(data).replace("epochs: 2", "epochs: 1"), "r.yaml"), output=tmp_path / "run", quiet=True)
-    assert multiprocessing.active_children() == []
+    recipe = loads(folder_recipe(data).replace("epochs: 2", "epochs: 1"), "r.yaml")
+    before = set(multiprocessing.active_children())
+    run(recipe, output=tmp_path / "done", quiet=True)
+    assert set(multiprocessing.active_children()) == before
+    (data / "train" / "circle" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(RunError, match="cannot read") as failed:
+        run(recipe, output=tmp_path / "failed", quiet=True)
+    assert failed.traceback and set(multiprocessing.active_children()) == before
+
 
 # -- data kinds
 

@@ -4,6 +4,7 @@ on another folder, agrees with the run's records and with timm evaluating the sa
 from __future__ import annotations
 
 import json
+import multiprocessing
 from collections import Counter
 
 import pytest
@@ -18,6 +19,8 @@ from typer.testing import CliRunner
 from freezekit.cli import app
 from freezekit.recipe import loads
 from freezekit.train.data import shapes
+from freezekit.train.evaluation import evaluate, labelled_folder
+from freezekit.train.export import load
 from freezekit.train.run import run
 from freezekit.train.sources import image_folder
 
@@ -128,6 +131,20 @@ def test_eval_fails_in_one_line_without_traceback(trained, tmp_path, problem):
     assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1 and named in result.stderr
     if problem == "unknown class":
         assert ", ".join(classes) in result.stderr
+
+
+def test_evaluate_stops_its_workers_when_an_image_stops_it(trained, tmp_path):
+    """Held by the error's traceback (a notebook keeps the last one), they would live on."""
+    tmp, classes = trained
+    (tmp_path / classes[0]).mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / classes[0] / "good.png")
+    (tmp_path / classes[0] / "x.png").write_bytes(b"\x89PNG not really")
+    net, config = load(tmp / "run" / "model")
+    source = labelled_folder(tmp_path, dict(resolve_data_config(pretrained_cfg=config["pretrained_cfg"])), classes, 2)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ValueError, match="cannot read") as failed:
+        evaluate(net, source, torch.device("cpu"), workers=2)
+    assert failed.traceback and set(multiprocessing.active_children()) == before
 
 
 def test_a_relative_data_path_is_recorded_absolute_so_eval_reads_the_same_split_from_anywhere(tmp_path, monkeypatch):

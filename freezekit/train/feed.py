@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..recipe import Recipe
 from .data import model_inputs
-from .loader import Batch, EpochBatches, loader
+from .loader import Batch, EpochBatches, loader, stop_workers
 from .preprocess import data_config
 from .setup import RunError, data_workers, load_data
 
@@ -37,9 +37,9 @@ class Feed:
         self.skipped: set[str] = set()
 
     def close(self) -> None:
-        """Stop the decoding workers now. They are kept from epoch to epoch, and the run holds the
-        feed in a reference cycle: left to the garbage collector, they would outlive the run."""
-        self.train_loader = self.val_loader = None  # the last references: each loader's workers shut down
+        """Stop the decoding workers, kept from epoch to epoch, when the run returns or fails."""
+        stop_workers(self.train_loader)
+        stop_workers(self.val_loader)
 
     def train(self, epoch: int, start: int, cached: Callable[[], bool]) -> Iterator[Batch]:
         """The training batches of ``epoch`` from batch ``start`` on: indices and labels only while

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .sources import Unreadable
 
-__all__ = ["Batch", "EpochBatches", "batches", "default_workers", "loader"]
+__all__ = ["Batch", "EpochBatches", "batches", "default_workers", "loader", "stop_workers"]
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True, rank: int = 0,
@@ -101,3 +101,15 @@ def loader(dataset: Dataset, sampler: EpochBatches, workers: int, pin_memory: bo
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=workers > 0,
                       prefetch_factor=2 if workers > 0 else None, generator=torch.Generator())
+
+
+def stop_workers(loader: DataLoader) -> None:
+    """Stop ``loader``'s workers now. PyTorch stops kept workers only when their iterator is
+    collected, and a run that stopped on an error is held by the error's traceback -- in a
+    notebook, for good. torch has no public call for this; Lightning calls the same private
+    method (``_shutdown_workers_and_reset_iterator`` in its ``combined_loader``)."""
+    iterator = loader._iterator
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
