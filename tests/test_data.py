@@ -26,6 +26,7 @@ from freezekit.train.data import shapes
 from freezekit.train.loader import EpochBatches, batches
 from freezekit.train.preprocess import data_config
 from freezekit.train.run import RunError, run
+from freezekit.train.sources import image_folder
 
 cli = CliRunner()
 DIST = Path(__file__).parent / "dist"
@@ -195,8 +196,6 @@ def test_a_run_stops_its_decoding_workers_when_it_returns_or_fails(tmp_path):
 
 
 def test_one_folder_of_classes_is_split_by_a_seeded_fraction(tmp_path):
-    from freezekit.train.sources import image_folder
-
     data = shapes_folder(tmp_path / "data", train=60, val=0, split=False)
     train, val, classes = image_folder(data, 0.25, seed=7)
     assert classes == ["circle", "square", "triangle"] and len(train) + len(val) == 60
@@ -206,6 +205,41 @@ def test_one_folder_of_classes_is_split_by_a_seeded_fraction(tmp_path):
         assert sum(1 for _, y in val if y == label) == round(total * 0.25)
     assert image_folder(data, 0.25, seed=7) == (train, val, classes)
     assert image_folder(data, 0.25, seed=8)[1] != val
+
+
+def test_a_folder_changed_since_the_run_is_refused_by_resume_and_by_eval(tmp_path):
+    """One image more redraws the val_fraction split: resumed, the run would train on images it
+    validated on, and eval would report on another split, both without a word."""
+    data = shapes_folder(tmp_path / "data", train=30, val=0, split=False)
+    (tmp_path / "r.yaml").write_text(folder_recipe(data, "").replace("path:", "val_fraction: 0.25, path:")
+                                     .replace("epochs: 2", "epochs: 1").replace("workers: 2", "workers: 0"))
+    run_dir = tmp_path / "run"
+
+    def freezekit(*args: str):
+        return cli.invoke(app, [*args, "--quiet"] if args[0] == "run" else args)
+
+    assert freezekit("run", str(tmp_path / "r.yaml"), "--output", str(run_dir)).exit_code == 0
+    assert freezekit("run", str(tmp_path / "r.yaml"), "--output", str(run_dir), "--resume").exit_code == 0
+    assert freezekit("eval", str(run_dir), "--workers", "0").exit_code == 0
+    records = (run_dir / "metrics.jsonl").read_text()
+
+    def refused(said: str) -> None:
+        result = freezekit("run", str(tmp_path / "r.yaml"), "--output", str(run_dir), "--resume")
+        assert result.exit_code == 1 and len(result.output.splitlines()) == 1 and "Traceback" not in result.output
+        assert f"data.path: {data}: its images changed since {run_dir / 'checkpoints' / 'last.pt'}" in result.output
+        assert said in result.output and (run_dir / "metrics.jsonl").read_text() == records
+
+    before = [len(split) for split in image_folder(data, 0.25, 0)[:2]]
+    save_images(data, shapes(40, 3, 1, seed=9)[0], ["circle", "square", "triangle"], name="new{i}.jpg")
+    now = [len(split) for split in image_folder(data, 0.25, 0)[:2]]
+    refused(f"train: {before[0]} -> {now[0]} images; val: {before[1]} -> {now[1]} images")
+    for added in data.rglob("new*.jpg"):
+        added.unlink()
+    first = sorted((data / "circle").iterdir())[0]
+    first.rename(first.with_name("zz" + first.name))  # as many images, one under another name
+    refused("train: other images or labels, as many")
+    result = freezekit("eval", str(run_dir), "--workers", "0")
+    assert result.exit_code == 1 and "its validation split is not the run's; give --data PATH" in result.output
 
 
 def _cifar(root: Path, marker: Path | None = None) -> Path:

@@ -61,9 +61,13 @@ def test_quickstart_trains_clearly_above_chance(tmp_path):
 def test_run_directory_holds_everything(tmp_path):
     out = tmp_path / "run"
     result = run(loads(SMALL, "small.yaml"), output=out, quiet=True)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "curves.png", "data_config.json", "metrics.jsonl",
-                                                     "model", "model-best", "recipe.yaml", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "curves.png", "data.json", "data_config.json",
+                                                     "metrics.jsonl", "model", "model-best", "recipe.yaml",
+                                                     "summary.md"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    data = json.loads((out / "data.json").read_text())
+    assert (data["train"]["images"], data["val"]["images"]) == (192, 64)
+    assert data["classes"] == ["circle", "square", "triangle"]
     again = load(out / "recipe.yaml")
     assert again.model_dump() == loads(SMALL, "small.yaml").model_dump() | {"name": "small"}
     lines = records(out)

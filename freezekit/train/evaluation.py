@@ -4,6 +4,7 @@ model's classes (:func:`labelled_folder`)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from .data import model_inputs
 from .loader import EpochBatches, default_workers, loader
 from .preprocess import eval_transform
 from .setup import data_workers, load_data
-from .sources import IMAGE_SUFFIXES, Files, samples_of
+from .sources import IMAGE_SUFFIXES, Files, changes, fingerprint, samples_of
 
 __all__ = ["Evaluation", "Source", "evaluate", "labelled_folder", "logits_of", "run_split"]
 
@@ -66,8 +67,14 @@ def run_split(run_dir: Path, preprocessing: dict[str, Any], names: list[str] | N
         raise FileNotFoundError(f"{run_dir}: no recipe.yaml in it, so no validation split to evaluate on; "
                                 f"give --data PATH")
     recipe = load_recipe(run_dir / "recipe.yaml")
-    _, dataset, classes = load_data(recipe, preprocessing)
+    train, dataset, classes = load_data(recipe, preprocessing)
     d = recipe.data
+    if (run_dir / "data.json").is_file():
+        recorded = json.loads((run_dir / "data.json").read_text())
+        changed = changes(recorded, fingerprint(train, dataset, classes), ("val",))
+        if changed:
+            raise ValueError(f"data.path: {d.path}: its images changed since the run ({'; '.join(changed)}), so "
+                             f"its validation split is not the run's; give --data PATH to evaluate on a folder")
     if names is not None and classes != names:
         raise ValueError(f"{d.path}: its classes are now {', '.join(classes)}, and the model's are "
                          f"{', '.join(names)}: not the data the run validated on")

@@ -16,6 +16,7 @@ from .data import model_inputs
 from .loader import Batch, EpochBatches, loader, stop_workers
 from .preprocess import data_config
 from .setup import RunError, data_workers, load_data
+from .sources import fingerprint
 
 __all__ = ["Feed"]
 
@@ -26,6 +27,7 @@ class Feed:
         self.recipe, self.device, self.report = recipe, device, report
         self.config = data_config(recipe, model)
         self.train_set, self.val_set, self.classes = load_data(recipe, self.config)
+        self.fingerprint = fingerprint(self.train_set, self.val_set, self.classes)  # to tell a changed folder
         self.workers = data_workers(recipe, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.order = EpochBatches(len(self.train_set), recipe.train.batch_size, recipe.seed, True, rank, world)
         self.val_order = EpochBatches(len(self.val_set), recipe.train.batch_size, recipe.seed, shuffle=False)

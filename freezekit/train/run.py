@@ -3,7 +3,8 @@
 It calls the library as a user would -- the recipe's ``policy`` through :class:`~freezekit.Policy`,
 its phases through :class:`~freezekit.Schedule`, the optimizer through
 :func:`~freezekit.param_groups` -- and holds no freezing logic of its own. A run directory gets the
-resolved ``recipe.yaml`` and ``data_config.json`` (the preprocessing), the records of
+resolved ``recipe.yaml``, ``data_config.json`` (the preprocessing) and ``data.json`` (what the
+splits held: a resume or ``freezekit eval`` refuses a folder changed since), the records of
 :mod:`~freezekit.train.records` (``metrics.jsonl``, ``summary.md``, ``curves.png``),
 ``checkpoints/last.pt`` / ``best.pt``, written atomically and holding everything a resumed run needs
 to end with the same weights as an uninterrupted one (at an epoch's end, or every
@@ -56,6 +57,7 @@ from .objective import Objective
 from .progress import Reporter
 from .records import Records
 from .setup import RunError, WarmupThen, build_model, build_optimizer, resolve_device
+from .sources import changes
 
 __all__ = ["RunError", "RunResult", "run"]
 
@@ -74,7 +76,7 @@ class _Run:
     def __init__(self, recipe: Recipe, out: Path, allow_import: tuple[str, ...], reporter: Reporter):
         prepared = check(recipe, allow_import)  # every problem, before anything is written
         self.out, self.reporter, self.allow_import = out, reporter, allow_import
-        self.recipe = recipe.with_absolute_paths()  # as recorded: eval and resume find the same files from anywhere
+        recipe = self.recipe = recipe.with_absolute_paths()  # as recorded: eval and resume read the same files
         self.schedule: Schedule = prepared.schedule
         self.groups = {"rules": optimizer_rules(recipe), "layer_decay": recipe.optimizer.layer_decay}
         device_type = resolve_device(recipe.train.device)
@@ -156,7 +158,7 @@ class _Run:
                 "freezekit": state_dict(self.model),
                 "schedule": self.schedule.state_dict(), "random": ckpt.random_states(),
                 "world_size": self.world.size, "strategy": self.strategy,
-                "recipe": self.recipe.model_dump(mode="json")}
+                "recipe": self.recipe.model_dump(mode="json"), "data": self.feed.fingerprint}
 
     def save(self, best: bool = False) -> None:
         """Write ``last.pt`` (and ``best.pt`` first, when ``best``): every rank gathers, the main one writes."""
@@ -176,6 +178,10 @@ class _Run:
             changed = [k for k, v in self.recipe.model_dump(mode="json").items() if saved["recipe"].get(k) != v]
             raise RunError(f"the recipe changed since {path} was written ({', '.join(changed)}); resume with the "
                            f"recipe.yaml in {self.out}, or start a new run")
+        changed = changes(saved.get("data", self.feed.fingerprint), self.feed.fingerprint)
+        if changed:  # the split by val_fraction, the order of the epochs and the position in one would differ
+            raise RunError(f"data.path: {self.recipe.data.path}: its images changed since {path} was written "
+                           f"({'; '.join(changed)}); put them back as they were, or start a new run")
         if saved.get("world_size", 1) != self.world.size:
             raise RunError(f"{path} was written by {saved.get('world_size', 1)} processes, and this run has "
                            f"{self.world.size}: the data order would differ; resume with as many")
@@ -371,6 +377,7 @@ def _epochs(r: _Run, out: Path, last: Path, resume: bool) -> RunResult:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
         (out / "data_config.json").write_text(json.dumps(r.feed.config, indent=2) + "\n")
+        (out / "data.json").write_text(json.dumps(r.feed.fingerprint, indent=2) + "\n")
         r.records.summary("start", r.model, 0, 0)
     barrier(r.world)
     r._cache_state()

@@ -12,11 +12,14 @@ the main process reports it by path instead of a worker's traceback.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +28,8 @@ from torch.utils.data import Dataset
 
 from ..labels import CIFAR, cifar_classes, cifar_folder, classes_in, unpickle
 
-__all__ = ["IMAGE_SUFFIXES", "Files", "Pixels", "Unreadable", "cifar", "drawn_from", "image_folder", "samples_of"]
+__all__ = ["IMAGE_SUFFIXES", "Files", "Pixels", "Unreadable", "changes", "cifar", "drawn_from", "fingerprint",
+           "image_folder", "samples_of"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 Key = tuple[int, int]  # (index, augmentation seed)
@@ -153,3 +157,26 @@ def cifar(kind: str, root: Path) -> tuple[tuple[np.ndarray, list[int]], tuple[np
         return np.ascontiguousarray(images), [int(y) for p in parts for y in p[labels_key]]
 
     return read(train_files), read([val_file]), cifar_classes(kind, root)
+
+
+def fingerprint(train: Files | Pixels, val: Files | Pixels, classes: list[str]) -> dict[str, Any]:
+    """What a run reads, enough to tell later that it changed: the classes, and each split's count
+    and digest of its files and labels (of its labels alone for arrays, which the recipe names)."""
+    def split(dataset: Files | Pixels) -> dict[str, Any]:
+        listed = json.dumps([getattr(dataset, "paths", None), dataset.labels]).encode()
+        return {"images": len(dataset), "sha256": hashlib.sha256(listed).hexdigest()}
+
+    return {"classes": classes, "train": split(train), "val": split(val)}
+
+
+def changes(before: dict[str, Any], now: dict[str, Any], splits: tuple[str, ...] = ("train", "val")) -> list[str]:
+    """How ``now`` differs from ``before`` (two fingerprints) in ``splits``, in words."""
+    said = [f"classes {', '.join(before['classes'])} -> {', '.join(now['classes'])}"] \
+        if before["classes"] != now["classes"] else []
+    for name in splits:
+        was, is_ = before[name], now[name]
+        if was["images"] != is_["images"]:
+            said.append(f"{name}: {was['images']} -> {is_['images']} images")
+        elif was["sha256"] != is_["sha256"]:
+            said.append(f"{name}: other images or labels, as many ({is_['images']})")
+    return said
