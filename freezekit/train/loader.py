@@ -27,13 +27,22 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
             world: int = 1) -> list[torch.Tensor]:
     """Index batches of one epoch: a permutation drawn from (seed, epoch), cut into batches. With
     ``world`` processes, rank ``rank`` takes every ``world``-th index, the permutation padded with
-    its own start (as ``DistributedSampler`` does) so that every rank makes as many steps."""
+    its own start (as ``DistributedSampler`` does) so that every rank makes as many steps. A shuffled
+    epoch leaves out a last batch of one image (see :func:`_one_left`)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)) if shuffle \
         else torch.arange(n)
     if world > 1:
         total = math.ceil(n / world) * world
         order = torch.cat([order, order[: total - n]])[rank::world]
-    return list(order.split(batch_size))
+    cut = list(order.split(batch_size))
+    return cut[:-1] if _one_left(len(order), batch_size, shuffle) else cut
+
+
+def _one_left(per_rank: int, batch_size: int, shuffle: bool) -> bool:
+    """Whether a training epoch ends on a batch of one image, which it leaves out (a different image
+    each epoch): BatchNorm cannot train on one image whose features are pooled to 1x1 -- it raises,
+    after a whole epoch -- and a step on one image is that image's noise."""
+    return shuffle and per_rank > batch_size and per_rank % batch_size == 1
 
 
 def image_seed(seed: int, epoch: int, index: int) -> int:
@@ -57,7 +66,9 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
         return batches(self.n, self.batch_size, self.seed, self.epoch, self.shuffle, self.rank, self.world)
 
     def __len__(self) -> int:
-        return max(0, math.ceil(math.ceil(self.n / self.world) / self.batch_size) - self.start)
+        per_rank = math.ceil(self.n / self.world)
+        return max(0, math.ceil(per_rank / self.batch_size) - _one_left(per_rank, self.batch_size, self.shuffle)
+                   - self.start)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for idx in self.epoch_batches()[self.start:]:
