@@ -94,7 +94,9 @@ class Optimizer(_Section):
 
 class Train(_Section):
     epochs: int = Field(5, ge=1, description="passes over the training data")
-    batch_size: int = Field(32, ge=1, description="images per step, per process under torchrun")
+    batch_size: int = Field(32, ge=1, description="images per step, per process under torchrun; an epoch that "
+                            "would end on one image alone leaves it out (BatchNorm cannot train on it), "
+                            "another each epoch")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="autocast; fp16 with a gradient "
                                                                    "scaler; auto: bf16 on a GPU with bf16")
