@@ -37,8 +37,8 @@ def torchrun(folder: Path, out: str, *extra: str, env: dict | None = None) -> su
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "freezekit", "run", "recipe.yaml", "--output", out, "--quiet", *extra],
-        cwd=folder, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        cwd=folder, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> str:

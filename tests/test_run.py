@@ -162,6 +162,41 @@ def test_cache_and_no_cache_reach_the_same_accuracy(tmp_path):
             quiet=True)
 
 
+@pytest.mark.parametrize("name, head", [("test_resnet", "fc"), ("test_efficientnet", "classifier")])
+def test_head_dropout_in_the_models_own_forward_keeps_the_features_uncached(name, head, tmp_path):
+    """timm drops the pooled features with F.dropout in forward_head, outside any module: cached,
+    the probe trained exactly as if drop_rate were 0."""
+    def probe(drop_rate: float, cache: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"{drop_rate}-{cache}"
+        run(loads(f"""
+seed: 2
+model: {{name: "timm:{name}", kwargs: {{drop_rate: {drop_rate}}}}}
+data: {{image_size: 32, train_size: 48, val_size: 16}}
+policy: [{{freeze: "*"}}, {{unfreeze: {head}}}]
+train: {{epochs: 2, batch_size: 16, cache_features: {cache}}}
+""", "probe.yaml"), output=out, quiet=True)
+        assert {r["cached_features"] for r in records(out) if "split" in r} == {cache == "auto" and drop_rate == 0}
+        return weights(out)
+
+    dropped, uncached = probe(0.5, "auto"), probe(0.5, "false")
+    assert all(torch.equal(dropped[k], uncached[k]) for k in uncached)
+    assert not torch.equal(dropped[f"{head}.weight"], probe(0.0, "auto")[f"{head}.weight"])  # it did drop
+
+
+def test_attention_dropout_of_torchvision_vit_keeps_the_features_uncached():
+    """nn.MultiheadAttention keeps its rate as a float, ``dropout``, and drops inside its forward."""
+    import torchvision
+
+    from freezekit.train.features import why_not_cacheable
+
+    for rate, reason in ((0.0, None), (0.1, "encoder.layers.encoder_layer_0.self_attention (MultiheadAttention)")):
+        with torch.device("meta"):
+            vit = torchvision.models.vit_b_16(attention_dropout=rate, num_classes=3)
+        fk.Policy(fk.freeze("*"), fk.unfreeze("heads")).apply(vit)
+        said = why_not_cacheable(vit, augment=False)
+        assert said == reason if reason is None else said.startswith(reason)
+
+
 def test_runs_refuse_to_overwrite_and_resume_needs_a_checkpoint(tmp_path):
     out = tmp_path / "r"
     recipe = loads(SMALL.replace("epochs: 3", "epochs: 1"), "small.yaml")

@@ -3,8 +3,8 @@ its input once and train the head alone on it afterwards.
 
 Exact when (a) every parameter outside the head is frozen, (b) every module outside the head
 computes the same thing in train and eval mode -- it is eval-locked, or a frozen BatchNorm, or its
-``forward`` never looks at ``self.training``, or only does so for dropout that drops nothing
-(``p=0``, ``drop_prob=0``) -- and (c) the inputs are drawn without augmentation.
+class never looks at ``self.training``, or only does so for dropout that drops nothing (``p``,
+``drop_prob``, ``drop_rate``, ``dropout`` all 0) -- and (c) the inputs are drawn without augmentation.
 """
 
 from __future__ import annotations
@@ -40,23 +40,32 @@ def classifier_of(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 @cache
 def _reads_training(cls: type) -> bool:
+    """Whether the source of ``cls`` or of a class it derives from (short of ``nn.Module``) mentions
+    ``training``. All of it, not ``forward`` alone: timm's ``forward`` calls ``forward_head``, which
+    drops with ``training=self.training``."""
     for klass in cls.__mro__:
-        forward = klass.__dict__.get("forward")
-        if forward is None:
+        if klass in (nn.Module, object):
             continue
         try:
-            return "training" in inspect.getsource(forward)
+            if "training" in inspect.getsource(klass):
+                return True
         except (OSError, TypeError):
             return True  # cannot tell: assume it does
     return False
 
 
+# What a module's dropout rate is called: nn.Dropout, timm's DropPath, timm models' head dropout,
+# nn.MultiheadAttention.
+_DROP_RATES = ("p", "drop_prob", "drop_rate", "dropout")
+
+
 def _no_drop(module: nn.Module) -> bool:
-    return getattr(module, "p", 0) == 0 and getattr(module, "drop_prob", 0) in (0, None)
+    rates = (getattr(module, name, None) for name in _DROP_RATES)
+    return not any(isinstance(rate, (int, float)) and rate for rate in rates)
 
 
 def _mode_free(module: nn.Module) -> bool:
-    """Computes the same in train and eval mode. A forward that reads ``self.training`` is taken to
+    """Computes the same in train and eval mode. A class that reads ``self.training`` is taken to
     do so for dropout (timm's fused attention reads it for ``attn_drop.p``): free when neither the
     module nor its direct children drop anything and it keeps no running statistics."""
     if is_locked(module) or isinstance(module, FrozenBatchNorm) or not _reads_training(type(module)):
