@@ -200,14 +200,23 @@ class Policy:
         """A policy from its recipe form (a list of rule mappings).
 
         Raises:
-            ConfigError: naming the rule's position and the field, e.g. ``policy[1].norm: ...``.
+            ConfigError: a line per problem, naming the rule's position and the field, e.g.
+                ``policy[1].norm: ...``.
         """
         if isinstance(config, Policy):
             return config
         if not isinstance(config, list):
             raise ConfigError(f"{where}: expected a list of rules like [{{freeze: '*'}}, {{unfreeze: head}}], "
                               f"got {type(config).__name__}")
-        return cls(*(Rule.from_config(rule, f"{where}[{i}]") for i, rule in enumerate(config)))
+        rules, problems = [], []
+        for i, rule in enumerate(config):  # every rule's problem, not the first alone
+            try:
+                rules.append(Rule.from_config(rule, f"{where}[{i}]"))
+            except ConfigError as e:
+                problems.append(str(e))
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return cls(*rules)
 
 
 def _warn(plan: Plan) -> None:

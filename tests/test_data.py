@@ -262,6 +262,14 @@ def test_a_folder_changed_since_the_run_is_refused_by_resume_and_by_eval(tmp_pat
     assert result.exit_code == 1 and "its validation split is not the run's; give --data PATH" in result.output
 
 
+def test_a_val_fraction_that_rounds_to_no_image_is_named(tmp_path):
+    data = shapes_folder(tmp_path / "data", train=8, val=0, split=False)
+    (tmp_path / "r.yaml").write_text(folder_recipe(data).replace("path:", "val_fraction: 0.1, path:"))
+    result = cli.invoke(app, ["run", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1 and "Traceback" not in result.output
+    assert f"data.val_fraction: 0.1 of each class in '{data}' rounds to no image" in result.output
+
+
 def _cifar(root: Path, marker: Path | None = None) -> Path:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)

@@ -138,6 +138,10 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     result = runner.invoke(app, ["run", str(tmp_path / "small.yaml"), "--output", str(out), "--resume", "--quiet"])
     assert result.exit_code == 0, result.output
     assert epoch_of(last) == 2
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    result = runner.invoke(app, ["run", str(tmp_path / "small.yaml"), "--output", str(out), "--resume"])
+    assert result.exit_code == 0 and f"small has run all its 3 epochs ({last}): nothing to resume" in result.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written  # nothing rewritten
 
 
 @pytest.mark.parametrize("cache", ["true", "false"])

@@ -223,23 +223,26 @@ def check(recipe: Recipe, allow_import: tuple[str, ...] | list[str] = ()) -> Pre
     _output(recipe, out)
     model = _model(recipe, num_classes, allow, out)
     _checkpoint(recipe, model, out)
-    policy, schedule = Policy(), Schedule()
+    policy, schedule, rules = Policy(), Schedule(), []
+    parsed = True  # the patterns are matched when the rules are whole, whatever else is wrong
     try:
         policy = Policy.from_config(list(recipe.policy), "policy")
     except (ConfigError, ValueError, TypeError) as e:
         out.add_located(str(e))
+        parsed = False
     try:
         schedule = Schedule.from_config(recipe.schedule if isinstance(recipe.schedule, dict)
                                         else list(recipe.schedule), "schedule")
     except (ConfigError, ValueError, TypeError) as e:
         out.add_located(str(e))
+        parsed = False
     try:
         rules = optimizer_rules(recipe)
     except (ConfigError, ValueError, TypeError) as e:
         out.add_located(str(e))
-        rules = []
+        parsed = False
     prepared = Prepared(classes, num_classes, policy, schedule)
-    if model is not None and not out.problems:
+    if model is not None and parsed:
         index = ModelIndex(model)
         resolver = Resolver(index)
         for i, (sel, _) in enumerate(rules):

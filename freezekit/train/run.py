@@ -366,6 +366,9 @@ def _epochs(r: _Run, out: Path, last: Path, resume: bool) -> RunResult:
     recipe, reporter = r.recipe, r.reporter
     if resume:
         r.restore(last)
+        if r.epoch >= recipe.train.epochs:
+            reporter.say(f"{recipe.name} has run all its {recipe.train.epochs} epochs ({last}): nothing to resume")
+            return RunResult(out, recipe.train.epochs, r.best)
         if r.world.main:
             r.records.trim(r.epoch, r.step)
             ckpt.clean(out / "checkpoints")

@@ -4,6 +4,7 @@ recipe's checkpoint loaded), the optimizer and its learning-rate shape."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,10 @@ def load_data(recipe: Recipe, config: dict[str, Any]) -> tuple[Dataset, Dataset,
     root = Path(d.path).expanduser()
     if d.kind == "image_folder":
         train, val, classes = image_folder(root, d.val_fraction, recipe.seed)
+        if train and not val and not (root / "train").is_dir():
+            raise RunError(f"data.val_fraction: {d.val_fraction} of each class in {str(root)!r} rounds to no image "
+                           f"(the largest class has {max(Counter(label for _, label in train).values())}); "
+                           f"raise it, or give train/ and val/ folders")
         if not train or not val:
             raise RunError(f"data.path: {str(root)!r} has no images for " + ("training" if not train else "validation")
                            + f" (looked for {', '.join(IMAGE_SUFFIXES)} files below each class folder)")
