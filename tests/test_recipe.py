@@ -85,8 +85,9 @@ def test_all_problems_are_reported_together():
     with pytest.raises(RecipeError) as e:
         check(loads(text, "r.yaml"))
     assert [p.line for p in e.value.problems] == [5, 3, 4]
-    text = "model: {name: 'timm:test_resnet', num_classes: 5}\npolicy:\n  - freeze: lyer1\n  - {unfreeze: fc, norm: eval}\n" \
-           "  - {freeze: layer2, nrm: eval}\nschedule: [{at: 1, policy: [{unfreeze: layer9}]}]\n"
+    text = "model: {name: 'timm:test_resnet', num_classes: 5}\npolicy:\n  - freeze: lyer1\n" \
+           "  - {unfreeze: fc, norm: eval}\n  - {freeze: layer2, nrm: eval}\n" \
+           "schedule: [{at: 1, policy: [{unfreeze: layer9}]}]\n"
     with pytest.raises(RecipeError) as e:  # every rule's problem; the patterns too, as the rules are whole
         check(loads(text, "r.yaml"))
     assert [(p.line, p.field) for p in e.value.problems] == [(1, "model.num_classes"), (4, "policy[1].norm"),
