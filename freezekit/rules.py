@@ -16,7 +16,7 @@ from .errors import ConfigError, closest
 from .select import Glob, Selector, as_selector
 from .select_config import from_config as selector_from_config
 
-__all__ = ["ACTIONS", "NORM_MODES", "SIDES", "Rule", "detach", "eval_mode", "freeze", "unfreeze"]
+__all__ = ["ACTIONS", "NORM_MODES", "SIDES", "Rule", "detach", "did_you_mean", "eval_mode", "freeze", "unfreeze"]
 
 ACTIONS = ("freeze", "unfreeze", "detach", "eval_mode")
 NORM_MODES = ("eval", "frozen_bn", "train", "trainable")
@@ -68,14 +68,14 @@ class Rule:
         actions = [k for k in config if k in ACTIONS]
         if len(actions) != 1:
             unknown = [k for k in config if k not in ACTIONS and k not in ("norm", "at", "no_grad", "strict")]
-            hint = _did_you_mean(str(unknown[0]), ACTIONS) if unknown else ""
+            hint = did_you_mean(str(unknown[0]), ACTIONS) if unknown else ""
             found = f"found {', '.join(map(repr, actions))}" if actions else "found none"
             raise ConfigError(f"{where}: expected exactly one action key of {', '.join(ACTIONS)}; {found}{hint}")
         action = actions[0]
         for key in config:
             if key != action and key not in _OPTIONS[action]:
                 raise ConfigError(f"{where}.{key}: not an option of {action} (options: "
-                                  f"{', '.join(_OPTIONS[action])}){_did_you_mean(str(key), _OPTIONS[action])}")
+                                  f"{', '.join(_OPTIONS[action])}){did_you_mean(str(key), _OPTIONS[action])}")
         value = config[action]
         items = value if isinstance(value, list) else [value]
         if not items:
@@ -91,7 +91,8 @@ class Rule:
             raise ConfigError(f"{where}: {e}") from None
 
 
-def _did_you_mean(value: str, choices: tuple[str, ...] | list[str]) -> str:
+def did_you_mean(value: str, choices: tuple[str, ...] | list[str]) -> str:
+    """``; did you mean 'X'?`` with the choice closest to ``value``, or nothing."""
     hint = closest(value, choices, n=1)
     return f"; did you mean {hint[0]!r}?" if hint else ""
 
@@ -105,10 +106,10 @@ def _make(action: str, selectors: tuple | list, **options: Any) -> Rule:
             raise TypeError(f"{action}(): {key}: expected True or False, got {options[key]!r}")
     if "norm" in options and options["norm"] not in NORM_MODES:
         raise ValueError(f"{action}(): norm: {options['norm']!r} is not one of {', '.join(NORM_MODES)}"
-                         f"{_did_you_mean(str(options['norm']), NORM_MODES)}")
+                         f"{did_you_mean(str(options['norm']), NORM_MODES)}")
     if "at" in options and options["at"] not in SIDES:
         raise ValueError(f"{action}(): at: {options['at']!r} is not one of {', '.join(SIDES)}"
-                         f"{_did_you_mean(str(options['at']), SIDES)}")
+                         f"{did_you_mean(str(options['at']), SIDES)}")
     return Rule(action, sels, **options)
 
 

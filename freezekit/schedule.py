@@ -34,7 +34,7 @@ import torch.nn as nn
 from .errors import ConfigError
 from .optim import SyncReport, sync_optimizer
 from .policy import Policy
-from .rules import unfreeze
+from .rules import did_you_mean, unfreeze
 from .select import Selector
 from .select_config import from_config as selector_from_config
 from .tracking import warn_unheld
@@ -207,11 +207,13 @@ class Schedule:
         phases = []
         for i, item in enumerate(config):
             here = f"{where}[{i}]"
+            keys = ("at", "policy", "unit", "lr_mult")
+            unknown = sorted(set(item) - set(keys)) if isinstance(item, dict) else []
+            if unknown:
+                raise ConfigError(f"{here}.{unknown[0]}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], keys)} "
+                                  f"(a phase takes {', '.join(keys)})")
             if not isinstance(item, dict) or "at" not in item or "policy" not in item:
                 raise ConfigError(f"{here}: expected {{at: N, policy: [...], lr_mult: 1.0, unit: epoch}}, got {item!r}")
-            unknown = set(item) - {"at", "policy", "unit", "lr_mult"}
-            if unknown:
-                raise ConfigError(f"{here}: unknown keys {sorted(unknown)} (expected at, policy, unit, lr_mult)")
             policy = Policy.from_config(item["policy"], f"{here}.policy")
             try:
                 phases.append(Phase(item["at"], policy, item.get("unit", "epoch"), item.get("lr_mult", 1.0)))

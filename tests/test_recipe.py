@@ -92,6 +92,9 @@ def test_all_problems_are_reported_together():
         check(loads(text, "r.yaml"))
     assert [(p.line, p.field) for p in e.value.problems] == [(1, "model.num_classes"), (4, "policy[1].norm"),
                                                               (5, "policy[2].nrm")]
+    with pytest.raises(RecipeError, match=r"r\.yaml:6: schedule\[0\]\.polcy: unknown key 'polcy'; did you mean "
+                                          r"'policy'\? \(a phase takes at, policy, unit, lr_mult\)"):
+        check(loads(text.replace("policy: [{unfreeze: layer9}]", "polcy: [{unfreeze: layer9}]"), "r.yaml"))
     fixed = text.replace(", norm: eval", "").replace("nrm", "norm")
     with pytest.raises(RecipeError) as e:
         check(loads(fixed, "r.yaml"))

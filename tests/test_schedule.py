@@ -157,7 +157,8 @@ def test_gradual_unfreeze_and_config_round_trip():
 
 @pytest.mark.parametrize("config,message", [
     ([{"at": 1}], r"schedule\[0\]: expected \{at: N, policy"),
-    ([{"at": 1, "policy": [{"unfreeze": "fc"}], "lr_mul": 0.1}], r"schedule\[0\]: unknown keys \['lr_mul'\]"),
+    ([{"at": 1, "policy": [{"unfreeze": "fc"}], "lr_mul": 0.1}],
+     r"schedule\[0\]\.lr_mul: unknown key 'lr_mul'; did you mean 'lr_mult'\?"),
     ([{"at": -1, "policy": [{"unfreeze": "fc"}]}], r"schedule\[0\]: Phase\(\): at: expected"),
     ([{"at": 1, "policy": [{"unfreez": "fc"}]}], r"schedule\[0\]\.policy\[0\]: expected exactly one action key"),
     ({"gradual_unfreeze": {"groups": [], "start": 1}}, r"schedule\.gradual_unfreeze\.groups: expected a non-empty"),
