@@ -196,7 +196,8 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, lr_mult: 
     ``layer_decay`` if given), at ``lr_mult`` times the base rate, and at the point of the schedule
     the other groups are at. The base rate and that point are read off the first group: its
     ``initial_lr`` (set by a scheduler) or ``lr``, over its ``lr_scale`` (set by
-    :func:`param_groups`; 1 otherwise); a scheduler's ``max_lr`` / ``min_lr`` scale alike.
+    :func:`param_groups`; 1 otherwise); a scheduler's ``max_lr`` / ``min_lr`` scale alike. The weight
+    decay is :func:`param_groups`' (recorded in the first group), else the largest of the groups'.
     Frozen parameters lose their ``.grad`` (and, with ``drop_state``, their optimizer state).
     ``scheduler`` (a torch LR scheduler, ``SequentialLR`` and ``ReduceLROnPlateau`` included)
     learns about the new groups.
@@ -227,7 +228,10 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, lr_mult: 
     initial = first.get("initial_lr", first["lr"])
     base = initial / first.get("lr_scale", 1.0)  # the rate before multipliers and schedule
     progress = first["lr"] / initial if initial else 1.0  # where the schedule is now
-    decay = first.get("base_weight_decay", optimizer.defaults.get("weight_decay", 0.0))
+    # The weight decay of the split: param_groups' own record, else the largest of the groups' (an
+    # optimizer built elsewhere, Hugging Face's: the decay group and the no-decay one; its defaults
+    # may not hold the decay at all).
+    decay = first.get("base_weight_decay", max(g.get("weight_decay", 0.0) for g in optimizer.param_groups))
     start = len(optimizer.param_groups)
     for fresh in param_groups(model, lr=base, weight_decay=decay, rules=rules, layer_decay=layer_decay):
         params = [p for p in fresh["params"] if id(p) in new]

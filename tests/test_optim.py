@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from itertools import pairwise
 
 import pytest
@@ -104,6 +105,23 @@ def test_sync_adds_once_with_the_base_rate_and_split_decay(resnet18):
     ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids))
     assert "added 10 parameters" in str(report) or "added" in str(report)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.3])
+def test_sync_takes_the_decay_of_an_optimizer_built_elsewhere(resnet18, decay):
+    """Split by hand (as Hugging Face's Trainer does), its decay is not in the optimizer's defaults:
+    new groups read the groups' (they took AdamW's default 0.01, or none at all with SGD)."""
+    fk.Policy(fk.freeze("*"), fk.unfreeze("fc")).apply(resnet18)
+    for make in (torch.optim.AdamW, torch.optim.SGD):
+        optimizer = make([{"params": [resnet18.fc.weight], "weight_decay": decay},
+                          {"params": [resnet18.fc.bias], "weight_decay": 0.0}], lr=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fk.FreezekitWarning)  # the optimizer does not hold layer4 yet
+            fk.Policy(fk.unfreeze("layer4")).apply(resnet18)
+        fk.sync_optimizer(optimizer, resnet18)
+        wd = wd_of(optimizer.param_groups)
+        assert wd[id(resnet18.layer4[0].conv1.weight)] == decay and wd[id(resnet18.layer4[0].bn1.weight)] == 0.0
+        fk.Policy(fk.freeze("layer4")).apply(resnet18)
 
 
 def test_sync_clears_frozen_grads_and_can_drop_state(resnet18):
