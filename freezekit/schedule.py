@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError
+from .errors import ConfigError, FreezekitWarning
 from .optim import SyncReport, sync_optimizer
 from .policy import Policy
 from .rules import did_you_mean, unfreeze
@@ -158,9 +159,17 @@ class Schedule:
     def _apply(self, i: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any,
                groups: dict[str, Any], replayed: bool = False) -> Event:
         phase = self.phases[i]
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]} if optimizer is not None else set()
         applied = phase.policy.apply(model, check_optimizers=False)  # for good: the handle is not kept
         report = sync_optimizer(optimizer, model, lr_mult=phase.lr_mult, scheduler=scheduler, **groups) \
             if optimizer is not None else SyncReport()
+        kept = [name for name, p in applied.made_trainable() if id(p) in held]
+        if kept and phase.lr_mult != 1.0 and not replayed:
+            warnings.warn(f"schedule phase {i} ({phase.unit} {phase.at}): its lr_mult {phase.lr_mult} does not reach "
+                          f"{len(kept)} parameters the {type(optimizer).__name__} held while they were frozen "
+                          f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}): they train at their group's "
+                          "rate. Build the optimizer over what trains (fk.param_groups), and the phase adds them",
+                          FreezekitWarning, stacklevel=4)
         warn_unheld(model, applied.made_trainable, lambda: f"schedule phase {i} ({phase.unit} {phase.at})",
                     stacklevel=4)
         return Event(i, phase.at, phase.unit, len(applied.changes), report, replayed)

@@ -214,3 +214,24 @@ def test_a_resume_in_the_wrong_order_names_the_fix():
     schedule.replay(fresh, optimizer)
     optimizer.load_state_dict(saved["optimizer"])  # the right order
     assert [g["name"] for g in optimizer.param_groups] == [g["name"] for g in o1.param_groups]
+
+
+def test_a_phase_warns_that_its_lr_mult_misses_what_the_optimizer_held_while_frozen():
+    """Over all the parameters (model.parameters()), the optimizer already holds what a phase
+    unfreezes: nothing is added, and lr_mult would be ignored without a word."""
+    model = timm_model("test_resnet")
+    fk.Policy(fk.freeze("*"), fk.unfreeze("fc")).apply(model)
+    schedule = fk.Schedule(fk.Phase(1, fk.Policy(fk.unfreeze("layer4")), lr_mult=0.1))
+    everything = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(fk.FreezekitWarning, match=r"schedule phase 0 \(epoch 1\): its lr_mult 0.1 does not reach "
+                                                 r"\d+ parameters the SGD held while they were frozen"):
+        schedule.update(model, everything, epoch=1)
+    model = timm_model("test_resnet")
+    fk.Policy(fk.freeze("*"), fk.unfreeze("fc")).apply(model)
+    schedule = fk.Schedule(fk.Phase(1, fk.Policy(fk.unfreeze("layer4")), lr_mult=0.1))
+    trainable = torch.optim.SGD(fk.param_groups(model, lr=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fk.FreezekitWarning)
+        schedule.update(model, trainable, epoch=1)  # the phase adds layer4, at 0.1 x
+    added = [g["lr"] for g in trainable.param_groups if g["name"].startswith("sync")]
+    assert added and added == pytest.approx([0.01] * len(added))
