@@ -52,6 +52,22 @@ def test_resuming_from_a_lightning_checkpoint_ends_bit_identical(tmp_path):
     same_weights(resumed, straight)
 
 
+def test_a_second_fit_keeps_what_the_schedule_unfroze_and_trains_it():
+    """setup() applies the starting policy again: the phase done in the first fit is replayed into
+    the second fit's optimizer, instead of layer4 frozen again for good."""
+    module, callback = app.Classifier(), app.callback()
+    trainer = app.trainer(3, callbacks=[callback])  # the phase at epoch 2 is in this fit
+    trainer.fit(module)
+    after_first = {n: p.detach().clone() for n, p in module.net.layer4.named_parameters()}
+    trainer.fit_loop.max_epochs = 4
+    trainer.fit(module)
+    assert [(e.phase, e.replayed) for e in callback.driver.events] == [(0, False), (0, True)]
+    assert all(p.requires_grad for p in module.net.layer4.parameters())
+    held = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert all(id(p) in held for p in module.net.layer4.parameters())
+    assert not torch.equal(module.net.layer4[0].conv1.weight, after_first["0.conv1.weight"])  # it trained on
+
+
 def test_a_resume_without_the_callback_is_refused_by_name(tmp_path):
     """Lightning's own error would be torch's bare "different number of parameter groups"."""
     first = app.trainer(3, callbacks=[app.callback()])

@@ -52,9 +52,12 @@ class LoopDriver:
         self._saved: State | None = None  # the freeze map a loaded checkpoint had: what a resume must rebuild
 
     def start(self, model: nn.Module) -> None:
-        """Apply the starting policy (before the optimizer is built over what trains)."""
+        """Apply the starting policy (before the optimizer is built over what trains). On a second
+        ``fit``, the phases the first one applied are replayed into its new optimizer."""
         if self.policy is not None:
             self.policy.apply(model)
+        if self.schedule is not None and self.schedule.completed:
+            self.schedule.load_state_dict(self.schedule.state_dict())
 
     def advance(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any = None,
                 epoch: int | None = None, step: int | None = None) -> bool:
