@@ -67,6 +67,20 @@ def write_rank(out: Path, rank: int, model: nn.Module, sync_checks: list[dict]) 
         "sync_checks": sync_checks}))
 
 
+def leave_now() -> None:
+    """End a script under :func:`two_ranks` once its rank is written, as ``freezekit run`` does under
+    torchrun (see freezekit/cli/run.py): a gloo group still held (by a DDP wrapper, by FSDP's meshes
+    in DTensor's caches) keeps its threads running, and tearing the interpreter down around them
+    aborts a rank now and then ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still talks to it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def two_ranks(script: Path, out: Path, *args: str) -> list[dict]:
     """Run ``script OUT ARGS`` under torchrun, 2 CPU processes; each rank's ``OUT/rank{R}.json``."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -21,7 +21,7 @@ import freezekit as fk
 from freezekit.integrations.lightning import FreezekitFinetuning
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import write_rank  # noqa: E402
+from conftest import leave_now, write_rank  # noqa: E402
 
 BATCH, BATCHES = 8, 3  # per process
 
@@ -128,3 +128,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_now()

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import write_rank  # noqa: E402
+from conftest import leave_now, write_rank  # noqa: E402
 from test_transformers import Pairs, bert, callback  # noqa: E402
 
 from freezekit.integrations.transformers import FreezekitTrainer  # noqa: E402
@@ -35,3 +35,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_now()
