@@ -14,9 +14,9 @@ Example:
     ...     fk.Phase(0, fk.Policy(fk.freeze("*"), fk.unfreeze("fc"))),               # linear probe
     ...     fk.Phase(2, fk.Policy(fk.unfreeze(fk.last("layer", 1))), lr_mult=0.1),   # then the last stage
     ... )
-    >>> optimizer = torch.optim.AdamW(fk.param_groups(model, lr=1e-3))
-    >>> [e.phase for e in schedule.update(model, optimizer, epoch=0)]
+    >>> [e.phase for e in schedule.update(model, epoch=0)]  # first: the optimizer is built over what trains
     [0]
+    >>> optimizer = torch.optim.AdamW(fk.param_groups(model, lr=1e-3))
     >>> [str(e) for e in schedule.update(model, optimizer, epoch=2)][0].startswith("phase 1 at epoch 2")
     True
 """
