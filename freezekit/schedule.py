@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError, FreezekitWarning
+from .errors import ConfigError, FreezekitWarning, NoMatchError
 from .optim import SyncReport, sync_optimizer
 from .policy import Policy
 from .rules import did_you_mean, unfreeze
@@ -185,6 +186,25 @@ class Schedule:
             raise ConfigError(f"Schedule.load_state_dict(): the state is of a schedule with {state.get('phases')} "
                               f"phases ({state['completed']} done); this one has {len(self.phases)}")
         self.completed = self._replay = state["completed"]
+
+    def check(self, model: nn.Module) -> None:
+        """Match every phase's selectors in ``model`` now, before the run, not when the phase comes
+        (names do not change as phases apply).
+
+        Raises:
+            NoMatchError: every selector of every phase that matched nothing, named
+                ``schedule[i].policy[j]``.
+        """
+        problems = []
+        for i, phase in enumerate(self.phases):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # what a phase would do now is not what it will do
+                    phase.policy.plan(model)
+            except NoMatchError as e:
+                problems += [re.sub(r"^policy", f"schedule[{i}].policy", line) for line in e.problems]
+        if problems:
+            raise NoMatchError(problems)
 
     def to_config(self) -> list[dict[str, Any]]:
         return [phase.to_config() for phase in self.phases]

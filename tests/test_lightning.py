@@ -68,6 +68,20 @@ def test_a_second_fit_keeps_what_the_schedule_unfroze_and_trains_it():
     assert not torch.equal(module.net.layer4[0].conv1.weight, after_first["0.conv1.weight"])  # it trained on
 
 
+def test_a_typo_in_a_later_phase_stops_the_fit_before_its_first_step():
+    """Not two epochs in, when the phase comes, and named by its phase, not as the starting policy."""
+    from freezekit.integrations.lightning import FreezekitFinetuning
+
+    module = app.Classifier()
+    callback = FreezekitFinetuning(policy=app.start_policy(), schedule=fk.Schedule(
+        fk.Phase(1, fk.Policy(fk.unfreeze("net.layer4"))), fk.Phase(2, fk.Policy(fk.unfreeze("net.layr3")))))
+    trainer = app.trainer(3, callbacks=[callback])
+    with pytest.raises(fk.NoMatchError, match=r"^schedule\[1\]\.policy\[0\]\.unfreeze: 'net\.layr3' matched nothing"
+                                              r" in Classifier; closest: 'net\.layer3'"):
+        trainer.fit(module)
+    assert trainer.global_step == 0
+
+
 def test_a_resume_without_the_callback_is_refused_by_name(tmp_path):
     """Lightning's own error would be torch's bare "different number of parameter groups"."""
     first = app.trainer(3, callbacks=[app.callback()])

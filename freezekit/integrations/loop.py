@@ -52,10 +52,13 @@ class LoopDriver:
         self._saved: State | None = None  # the freeze map a loaded checkpoint had: what a resume must rebuild
 
     def start(self, model: nn.Module) -> None:
-        """Apply the starting policy (before the optimizer is built over what trains). On a second
+        """Apply the starting policy (before the optimizer is built over what trains), and match every
+        phase's patterns now (a typo in a late phase would stop the run when it comes). On a second
         ``fit``, the phases the first one applied are replayed into its new optimizer."""
         if self.policy is not None:
             self.policy.apply(model)
+        if self.schedule is not None:
+            self.schedule.check(model)
         if self.schedule is not None and self.schedule.completed:
             self.schedule.load_state_dict(self.schedule.state_dict())
 
