@@ -160,12 +160,13 @@ class Schedule:
     def _apply(self, i: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any,
                groups: dict[str, Any], replayed: bool = False) -> Event:
         phase = self.phases[i]
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]} if optimizer is not None else set()
+        watch = optimizer is not None and phase.lr_mult != 1.0 and not replayed  # can lr_mult miss some?
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]} if watch else set()
         applied = phase.policy.apply(model, check_optimizers=False)  # for good: the handle is not kept
         report = sync_optimizer(optimizer, model, lr_mult=phase.lr_mult, scheduler=scheduler, **groups) \
             if optimizer is not None else SyncReport()
-        kept = [name for name, p in applied.made_trainable() if id(p) in held]
-        if kept and phase.lr_mult != 1.0 and not replayed:
+        kept = [name for name, p in applied.made_trainable() if id(p) in held] if watch else []
+        if kept:
             warnings.warn(f"schedule phase {i} ({phase.unit} {phase.at}): its lr_mult {phase.lr_mult} does not reach "
                           f"{len(kept)} parameters the {type(optimizer).__name__} held while they were frozen "
                           f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}): they train at their group's "

@@ -59,8 +59,8 @@ class LoopDriver:
             self.policy.apply(model)
         if self.schedule is not None:
             self.schedule.check(model)
-        if self.schedule is not None and self.schedule.completed:
-            self.schedule.load_state_dict(self.schedule.state_dict())
+            if self.schedule.completed:
+                self.schedule.load_state_dict(self.schedule.state_dict())
 
     def advance(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any = None,
                 epoch: int | None = None, step: int | None = None) -> bool:
